@@ -24,18 +24,23 @@ from .assets import (
     smollm2_path,
 )
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
+from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BBC_NEWS_LABELS",
     "STSB_SPLITS",
+    "CachedCoSENTLoss",
+    "CoSENTLoss",
+    "CrossEncoderCoSENTLoss",
     "__version__",
     "accelerate_config_names",
     "accelerate_config_path",
     "all_gather_with_grad",
     "bbc_news_train_test_split",
     "cache_dir",
+    "cosent_loss",
     "get_rank",
     "get_world_size",
     "is_distributed",

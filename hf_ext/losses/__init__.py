@@ -1,0 +1,8 @@
+"""Losses: pure tensor functions, and thin `nn.Module` glue for the sentence-transformers loss contract."""
+
+from __future__ import annotations
+
+from .cosent import CachedCoSENTLoss, CoSENTLoss, cosent_loss
+from .cross_encoder_cosent import CrossEncoderCoSENTLoss
+
+__all__ = ["CachedCoSENTLoss", "CoSENTLoss", "CrossEncoderCoSENTLoss", "cosent_loss"]
