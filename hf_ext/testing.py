@@ -121,6 +121,10 @@ def run_distributed(
     if errors or missing:
         report = "\n".join(f"--- rank {rank} ---\n{tb}" for rank, tb in sorted(errors.items()))
         if missing:
-            report += f"\nranks {missing} returned nothing (crashed or exceeded timeout={timeout}s)"
+            codes = {rank: processes[rank].exitcode for rank in missing}
+            report += (
+                f"\nranks {missing} returned nothing (exit codes {codes}: crashed before running `fn`, e.g. "
+                f"`fn` is not importable from a module, or exceeded timeout={timeout}s); see their stderr above"
+            )
         raise DistributedTestError(report)
     return [results[rank] for rank in range(world_size)]

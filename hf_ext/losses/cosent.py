@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
+from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss as _STCoSENTLoss
 from sentence_transformers.util import pairwise_cos_sim, similarity_fct_name
 from torch import Tensor
@@ -205,6 +206,15 @@ class CoSENTLoss(_STCoSENTLoss):
             raise ValueError(f"`gather_across_devices` must be a bool, got {gather_across_devices!r}.")
         super().__init__(model, scale=float(scale), similarity_fct=similarity_fct)
         self.gather_across_devices = gather_across_devices
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        # Both columns are sentences of one kind: embed them in ONE forward pass where their features can be
+        # merged. Besides being faster, a single forward per step is what DDP's gradient hooks assume: two
+        # forwards through a DDP-wrapped model before one backward average some gradients twice (or raise
+        # "marked ready twice" with find_unused_parameters=True, the Trainer's default for these models).
+        return self.compute_loss_from_embeddings(
+            embed_columns(self.model, sentence_features, separate_first=False), labels
+        )
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
         """The loss from the two columns' embeddings ``[(batch, dim), (batch, dim)]`` and ``labels`` ``(batch,)``."""
