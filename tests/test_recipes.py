@@ -29,3 +29,96 @@ def test_evaluate_sts_runs_any_model_folder(tiny_bert_dir: Path) -> None:
 def test_evaluate_sts_rejects_unknown_split() -> None:
     with pytest.raises(ValueError, match="`split` must be one of"):
         evaluate_sts.EvaluateSTSArguments(split="dev")
+
+
+# ------------------------------------------------------------------------------------------- train_cosent
+
+TRAIN_COSENT = Path(__file__).resolve().parents[1] / "recipes" / "train_cosent.py"
+
+
+def _launch_train_cosent(model_type: str, model_dir: str, output_dir: Path, *extra: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    import hf_ext
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
+        str(TRAIN_COSENT), "--model_type", model_type, "--model_name_or_path", model_dir,
+        "--max_train_samples", "48", "--max_eval_samples", "40", "--per_device_train_batch_size", "16",
+        "--eval_steps", "2", "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((output_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_st_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> str:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    transformer = Transformer(str(tiny_bert_dir), max_seq_length=64)
+    out = tmp_path_factory.mktemp("tiny_st_recipe")
+    SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu").save(str(out))
+    return str(out)
+
+
+def test_train_cosent_bi_under_accelerate_writes_a_loadable_model_and_card(tiny_st_dir: str, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    results = _launch_train_cosent("bi", tiny_st_dir, tmp_path / "bi")
+    assert results["train_pairs"] == 48 and -1 <= results["test_spearman"] <= 1
+    model = SentenceTransformer(str(tmp_path / "bi"), device="cpu")
+    assert model.encode(["a sentence"]).shape == (1, 32)
+    card = (tmp_path / "bi" / "README.md").read_text()
+    assert card.startswith("---\n")  # sentence-transformers' Hub metadata stays first
+    assert "trained with CoSENT (hf_ext)" in card and f"{results['test_spearman']:.4f}" in card
+    assert "CoSENTLoss" in card and "TASLP" in card
+
+
+def test_train_cosent_cross_under_accelerate_writes_a_loadable_model_and_card(
+    tiny_cross_encoder_dir: Path, tmp_path: Path
+) -> None:
+    from sentence_transformers import CrossEncoder
+
+    results = _launch_train_cosent("cross", str(tiny_cross_encoder_dir), tmp_path / "cross")
+    model = CrossEncoder(str(tmp_path / "cross"), device="cpu")
+    assert model.predict([("a", "b")]).shape == (1,)
+    card = (tmp_path / "cross" / "README.md").read_text()
+    assert "cross-encoder (CrossEncoder) trained with CoSENT" in card and f"{results['test_spearman']:.4f}" in card
+    assert "CrossEncoderCoSENTLoss" in card
+
+
+@pytest.mark.slow
+def test_train_cosent_on_the_real_minilm_learns(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TRAIN_COSENT.parent))
+    import train_cosent
+
+    args, training_args = train_cosent.parse_args(
+        ["--model_type", "bi", "--max_train_samples", "96", "--max_eval_samples", "200",
+         "--output_dir", str(tmp_path / "real"), "--eval_strategy", "no", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    results = train_cosent.main(args, training_args)
+    # a real pretrained model, not a random one: strong before, still strong after a few steps
+    assert results["test_spearman_before"] > 0.75 and results["test_spearman"] > 0.75
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--model_type", "tri"], "`model_type` must be 'bi' or 'cross'"),
+        (["--model_type", "bi", "--loss", "st_bce"], "`loss` must be one of"),
+        (["--model_type", "cross", "--loss", "cached_cosent"], "`loss` must be one of"),
+        (["--model_type", "bi", "--scale", "0"], "`scale` must be > 0"),
+        (["--model_type", "bi", "--max_train_samples", "1"], "`max_train_samples` must be >= 2"),
+    ],
+)
+def test_train_cosent_rejects_bad_arguments(argv: list[str], match: str) -> None:
+    sys.path.insert(0, str(TRAIN_COSENT.parent))
+    import train_cosent
+
+    with pytest.raises(ValueError, match=match):
+        train_cosent.parse_args(argv)

@@ -57,10 +57,6 @@ def _validate(scores: Tensor, labels: Tensor, scale: float, groups: Tensor | Non
             raise ValueError(f"`groups` must hold one id per score: got {groups.numel()} for {scores.numel()} scores.")
     if scores.numel() == 0:
         raise ValueError("`scores` is empty: CoSENT needs at least one scored pair.")
-    if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
-        _check_finite("scores", scores)
-        if labels.is_floating_point():
-            _check_finite("labels", labels)
 
 
 def _runs(sorted_keys: list[Tensor]) -> Tensor:
@@ -103,42 +99,45 @@ def cosent_loss(scores: Tensor, labels: Tensor, *, scale: float = 20.0, groups: 
     labels = labels.reshape(-1)
     if labels.dtype == torch.bool:
         labels = labels.int()
+    batch = scores.numel()
     compute_dtype = torch.float64 if groups is not None else torch.promote_types(scores.dtype, torch.float32)
     scaled = scores.to(compute_dtype) * scale
 
-    # Sort by (group, label): a stable sort by label, then a stable sort by group.
-    order = torch.argsort(labels, stable=True)
-    if groups is not None:
-        groups = groups.reshape(-1)
-        order = order[torch.argsort(groups[order], stable=True)]
-    sorted_labels = labels[order]
-    scaled = scaled[order]
     if groups is None:
-        group_id = torch.zeros_like(order)
-        tie_run = _runs([sorted_labels])
+        # Sorted by label, a run of ties ends where searchsorted(right=True) points: the first strictly higher.
+        sorted_labels, order = labels.sort()
+        scaled = scaled[order]
+        higher_start = torch.searchsorted(sorted_labels, sorted_labels, right=True)
+        suffix = torch.logcumsumexp(-scaled.flip(0), dim=0).flip(0)
     else:
-        sorted_groups = groups[order]
+        # Sort by (group, label): a stable sort by label, then a stable sort by group.
+        groups = groups.reshape(-1)
+        order = torch.argsort(labels, stable=True)
+        order = order[torch.argsort(groups[order], stable=True)]
+        sorted_groups, sorted_labels, scaled = groups[order], labels[order], scaled[order]
         group_id = _runs([sorted_groups])
         tie_run = _runs([sorted_groups, sorted_labels])
-    # For every i: the first index with a strictly higher label in i's group, and the end of i's group.
-    higher_start = torch.searchsorted(tie_run, tie_run, right=True)
-    group_end = torch.searchsorted(group_id, group_id, right=True)
-
-    # Suffix logsumexp of -s within each group: one shared scan, groups pushed apart in log space so that the
-    # later groups (already summed into the suffix) are negligible next to a group's own terms.
-    negated = -scaled
-    if groups is None:
-        offset = torch.zeros_like(negated)
-    else:
+        higher_start = torch.searchsorted(tie_run, tie_run, right=True)
+        group_end = torch.searchsorted(group_id, group_id, right=True)
+        # A strictly higher label in the next group does not count: point past the end (the -inf slot below).
+        higher_start = torch.where(higher_start < group_end, higher_start, torch.full_like(higher_start, batch))
+        # One shared suffix scan for all groups, pushed apart in log space so that the later groups (already
+        # summed into a group's suffix) are negligible next to its own terms; the offset is removed after.
+        negated = -scaled
         spread = (negated.max() - negated.min()).detach() + _GROUP_SEPARATION
         offset = -group_id.to(compute_dtype) * spread
-    suffix = torch.logcumsumexp((negated + offset).flip(0), dim=0).flip(0) - offset
-    has_higher = higher_start < group_end
-    safe_start = torch.where(has_higher, higher_start, torch.zeros_like(higher_start))
-    terms = torch.where(has_higher, scaled + suffix[safe_start], torch.full_like(scaled, -torch.inf))
-    # log(1 + sum exp(terms)): the leading 0 is the "1 +", and keeps the gradient 0 (not NaN) when all
-    # terms are -inf (one pair, or every label tied).
+        suffix = torch.logcumsumexp((negated + offset).flip(0), dim=0).flip(0) - offset
+    # Slot `batch` (-inf) stands for "no strictly higher label": that term vanishes.
+    suffix = torch.cat((suffix, suffix.new_full((1,), -torch.inf)))
+    terms = scaled + suffix[higher_start]
+    # log(1 + sum exp(terms)): the leading 0 is the "1 +", and keeps the loss 0 with zero (not NaN) gradients
+    # when every term is -inf (one pair, or every label tied).
     loss = torch.logsumexp(torch.cat((terms.new_zeros(1), terms)), dim=0)
+    # One cheap host sync (eager only: it is data-dependent): a NaN/inf score makes the loss non-finite, a NaN/inf
+    # label the label sum. Only then are the inputs inspected (an overflowing sum of finite labels raises nothing).
+    if not torch.compiler.is_compiling() and not torch.isfinite(loss.detach() + labels.sum()):
+        _check_finite("labels", labels)
+        _check_finite("scores", scores)
     return loss.to(torch.promote_types(scores.dtype, torch.float32))
 
 

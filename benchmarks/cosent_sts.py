@@ -1,0 +1,329 @@
+"""CoSENT vs sentence-transformers' losses on the STS Benchmark, in one run: quality, speed and memory.
+
+    python benchmarks/cosent_sts.py                      # everything, 3 seeds (~1 h on 2 CPU cores)
+    python benchmarks/cosent_sts.py --parts speed memory # the quick parts only
+
+Parts (each writes into benchmarks/results/cosent_sts.json as it finishes; finished training runs are reused, so
+an interrupted run resumes):
+
+- ``bi``: the embedded all-MiniLM-L6-v2 trained one epoch on STS-B train with sentence-transformers' CoSENTLoss,
+  AnglELoss, CosineSimilarityLoss and hf_ext's CoSENTLoss and CachedCoSENTLoss; same initialisation and
+  hyper-parameters (recipes/train_cosent.py defaults); STS-B test Spearman per seed.
+- ``cross``: MiniLM + a fresh 1-logit head (same head initialisation per seed) trained one epoch with
+  sentence-transformers' BinaryCrossEntropyLoss and MSELoss and hf_ext's CrossEncoderCoSENTLoss.
+- ``speed``: forward + backward time of the loss alone (from embeddings) vs sentence-transformers' CoSENTLoss at
+  B = 64, 1,024, 16,384, interleaved repetitions, medians, ratios.
+- ``memory``: peak memory of one training step (forward + backward) of CachedCoSENTLoss (mini-batch 32) vs
+  CoSENTLoss at B = 512 real STS-B pairs on the real MiniLM, each in a fresh process (CPU: growth of the peak
+  resident set, VmHWM, over the resident set before the step; CUDA: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "recipes"))
+
+BI_LOSSES = ["cosent", "cached_cosent", "st_cosent", "st_angle", "st_cosine"]
+CROSS_LOSSES = ["cosent", "st_bce", "st_mse"]
+SPEED_BATCHES = [64, 1024, 16384]
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(path: Path, data: dict) -> None:
+    data["summary"] = summarize(data)
+    ordered = {"summary": data.pop("summary"), **data}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ordered, indent=2))
+    data.update(ordered)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_runs(data: dict, out: Path, model_type: str, losses: list[str], seeds: list[int], extra: list[str]) -> None:
+    import train_cosent
+
+    runs = data.setdefault(f"{model_type}_runs", {})
+    for seed in seeds:
+        for loss in losses:
+            key = f"{loss}/seed{seed}"
+            if key in runs:
+                continue
+            tmp = tempfile.mkdtemp(prefix=f"cosent-{model_type}-")
+            argv = [
+                "--model_type",
+                model_type,
+                "--loss",
+                loss,
+                "--seed",
+                str(seed),
+                "--output_dir",
+                tmp,
+                "--eval_strategy",
+                "no",
+                "--evaluate_before_training",
+                "false",
+                "--disable_tqdm",
+                "true",
+                *extra,
+            ]
+            args, training_args = train_cosent.parse_args(argv)
+            print(f"[{model_type}] {key} ...", flush=True)
+            result = train_cosent.main(args, training_args)
+            shutil.rmtree(tmp, ignore_errors=True)
+            runs[key] = {
+                "test_spearman": result["test_spearman"],
+                "dev_spearman": result["dev_spearman"],
+                "train_seconds": result["train_seconds"],
+            }
+            data[f"{model_type}_hyperparameters"] = {
+                "epochs": training_args.num_train_epochs,
+                "batch_size": training_args.per_device_train_batch_size,
+                "learning_rate": training_args.learning_rate,
+                "warmup": training_args.warmup_steps,
+                "train_pairs": result["train_pairs"],
+                "extra_args": extra,
+            }
+            _save(out, data)
+
+
+def _mean_std(runs: dict, loss: str) -> tuple[float, float, int] | None:
+    values = [r["test_spearman"] for k, r in runs.items() if k.split("/")[0] == loss]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+# ----------------------------------------------------------------------------------------------- speed
+
+
+def speed(data: dict, out: Path, repetitions: int) -> None:
+    import torch
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss as STCoSENTLoss
+
+    from hf_ext.losses import CoSENTLoss
+
+    torch.manual_seed(0)
+    theirs, ours = STCoSENTLoss(torch.nn.Identity()), CoSENTLoss(torch.nn.Identity())
+    rows = {}
+    for batch in SPEED_BATCHES:
+        emb_a = torch.randn(batch, 384, requires_grad=True)
+        emb_b = torch.randn(batch, 384, requires_grad=True)
+        labels = (torch.rand(batch) * 25).round() / 5  # STS-like: 0-5 in steps of 0.2, many ties
+
+        def step(loss_fn, a=emb_a, b=emb_b, y=labels):
+            loss_fn.compute_loss_from_embeddings([a, b], y).backward()
+
+        times: dict[str, list[float]] = {"hf_ext": [], "sentence_transformers": []}
+        reps = repetitions if batch < 10_000 else max(repetitions // 5, 10)
+        for i in range(reps + 5):
+            pair = [("hf_ext", ours), ("sentence_transformers", theirs)]
+            for name, fn in pair if i % 2 == 0 else pair[::-1]:  # interleaved, alternating order
+                start = time.perf_counter()
+                step(fn)
+                if i >= 5:  # warm-up
+                    times[name].append(time.perf_counter() - start)
+        hf_ms = statistics.median(times["hf_ext"]) * 1e3
+        st_ms = statistics.median(times["sentence_transformers"]) * 1e3
+        rows[str(batch)] = {
+            "hf_ext_ms": hf_ms,
+            "sentence_transformers_ms": st_ms,
+            "ratio": hf_ms / st_ms,
+            "repetitions": reps,
+        }
+        print(
+            f"[speed] B={batch}: hf_ext {hf_ms:.3f} ms, sentence-transformers {st_ms:.3f} ms, "
+            f"ratio {hf_ms / st_ms:.3f}",
+            flush=True,
+        )
+    data["speed"] = {"device": "cpu", "threads": torch.get_num_threads(), "rows": rows}
+    _save(out, data)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+_MEMORY_CHILD = r"""
+import json, os, resource, sys, time, torch
+from sentence_transformers import SentenceTransformer
+from hf_ext import load_stsb, minilm_path
+from hf_ext.losses import CachedCoSENTLoss, CoSENTLoss
+variant, batch = sys.argv[1], int(sys.argv[2])
+cuda = torch.cuda.is_available()
+model = SentenceTransformer(str(minilm_path()), device="cuda" if cuda else "cpu")
+model.train()
+data = load_stsb("train").select(range(batch))
+loss_fn = CachedCoSENTLoss(model, mini_batch_size=32) if variant == "cached" else CoSENTLoss(model)
+features = [model.preprocess(data["sentence1"]), model.preprocess(data["sentence2"])]
+features = [{k: v.to(model.device) if hasattr(v, "to") else v for k, v in f.items()} for f in features]
+labels = torch.tensor(data["label"], device=model.device)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+if cuda:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+else:
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
+        f.write("5")
+start = time.perf_counter()
+loss = loss_fn(features, labels)
+loss.backward()
+seconds = time.perf_counter() - start
+peak = torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")
+grad_norm = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
+print("RESULT " + json.dumps({"variant": variant, "batch": batch, "peak_growth_bytes": peak - before,
+      "seconds": seconds, "loss": float(loss), "grad_norm": grad_norm, "device": "cuda" if cuda else "cpu"}))
+"""
+
+
+def memory(data: dict, out: Path, batch: int) -> None:
+    rows = {}
+    for variant in ("plain", "cached"):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, variant, str(batch)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=1800,
+        )
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(line[-1][len("RESULT ") :])
+        print(
+            f"[memory] {variant}: peak growth {rows[variant]['peak_growth_bytes'] / 2**20:.0f} MiB, "
+            f"{rows[variant]['seconds']:.1f} s",
+            flush=True,
+        )
+    rows["peak_ratio_cached_over_plain"] = rows["cached"]["peak_growth_bytes"] / rows["plain"]["peak_growth_bytes"]
+    rows["loss_abs_diff"] = abs(rows["cached"]["loss"] - rows["plain"]["loss"])
+    data["memory"] = rows
+    _save(out, data)
+
+
+# ----------------------------------------------------------------------------------------------- summary, plot
+
+
+def summarize(data: dict) -> dict:
+    summary: dict = {}
+    names = {
+        "cosent": "bi_hf_ext",
+        "cached_cosent": "bi_hf_ext_cached",
+        "st_cosent": "bi_st_cosent",
+        "st_angle": "bi_st_angle",
+        "st_cosine": "bi_st_cosine",
+    }
+    for loss, name in names.items():
+        stats = _mean_std(data.get("bi_runs", {}), loss)
+        if stats:
+            summary[f"{name}_spearman"], summary[f"{name}_std"], summary[f"{name}_seeds"] = stats
+    for loss, name in {"cosent": "ce_cosent", "st_bce": "ce_bce", "st_mse": "ce_mse"}.items():
+        stats = _mean_std(data.get("cross_runs", {}), loss)
+        if stats:
+            summary[f"{name}_spearman"], summary[f"{name}_std"], summary[f"{name}_seeds"] = stats
+    if "speed" in data:
+        ratios = {b: r["ratio"] for b, r in data["speed"]["rows"].items()}
+        summary["loss_time_ratio_max"] = max(ratios.values())
+        summary["loss_time_ratio_by_batch"] = ratios
+    if "memory" in data:
+        summary["cached_peak_mem_ratio"] = data["memory"]["peak_ratio_cached_over_plain"]
+    if "bi_hf_ext_spearman" in summary and "bi_st_cosent_spearman" in summary:
+        summary["bi_hf_ext_within_one_std_of_st"] = bool(
+            abs(summary["bi_hf_ext_spearman"] - summary["bi_st_cosent_spearman"]) <= summary["bi_st_cosent_std"]
+        )
+    if "ce_cosent_spearman" in summary and "ce_bce_spearman" in summary:
+        summary["ce_cosent_minus_bce"] = summary["ce_cosent_spearman"] - summary["ce_bce_spearman"]
+    return summary
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for ax, kind, losses in ((axes[0], "bi", BI_LOSSES), (axes[1], "cross", CROSS_LOSSES)):
+        stats = [(loss, _mean_std(data.get(f"{kind}_runs", {}), loss)) for loss in losses]
+        stats = [(loss, s) for loss, s in stats if s]
+        if stats:
+            ax.bar(
+                [loss for loss, _ in stats],
+                [s[0] for _, s in stats],
+                yerr=[s[1] for _, s in stats],
+                capsize=4,
+                color=["tab:orange" if not loss.startswith("st_") else "tab:blue" for loss, _ in stats],
+            )
+            low = min(s[0] - s[1] for _, s in stats)
+            ax.set_ylim(low - 0.02, max(s[0] + s[1] for _, s in stats) + 0.01)
+        ax.set_title(f"{kind}-encoder: STS-B test Spearman (mean ± std over seeds)")
+        ax.tick_params(axis="x", rotation=20)
+    if "speed" in data:
+        rows = data["speed"]["rows"]
+        axes[2].plot([int(b) for b in rows], [r["ratio"] for r in rows.values()], "o-")
+        axes[2].axhline(1.0, color="grey", ls="--")
+        axes[2].axhline(1.1, color="red", ls=":")
+        axes[2].set_xscale("log")
+        axes[2].set_title("loss fwd+bwd time: hf_ext / sentence-transformers")
+        axes[2].set_xlabel("batch size B")
+    if "memory" in data:
+        mem = data["memory"]
+        axes[3].bar(
+            ["CoSENTLoss", "CachedCoSENTLoss (32)"],
+            [mem["plain"]["peak_growth_bytes"] / 2**20, mem["cached"]["peak_growth_bytes"] / 2**20],
+        )
+        axes[3].set_title(f"peak memory of one step, B={mem['plain']['batch']} (MiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--parts", nargs="+", default=["speed", "memory", "bi", "cross"], choices=["speed", "memory", "bi", "cross"]
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output", type=Path, default=RESULTS / "cosent_sts.json")
+    parser.add_argument("--speed_repetitions", type=int, default=200)
+    parser.add_argument("--memory_batch", type=int, default=512)
+    parser.add_argument(
+        "--train_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra recipe arguments for every training run (after all other options)",
+    )
+    args = parser.parse_args()
+    data = _load(args.output)
+    if "speed" in args.parts:
+        speed(data, args.output, args.speed_repetitions)
+    if "memory" in args.parts:
+        memory(data, args.output, args.memory_batch)
+    if "bi" in args.parts:
+        train_runs(data, args.output, "bi", BI_LOSSES, args.seeds, args.train_args)
+    if "cross" in args.parts:
+        train_runs(data, args.output, "cross", CROSS_LOSSES, args.seeds, args.train_args)
+    _save(args.output, data)
+    plot(data, args.output.with_suffix(".png"))
+    print(json.dumps(data["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
