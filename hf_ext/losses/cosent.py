@@ -11,20 +11,28 @@ suffix ``logcumsumexp``. Ties (equal labels) contribute nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.losses import gradcache as _gradcache
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss as _STCoSENTLoss
 from sentence_transformers.util import pairwise_cos_sim, similarity_fct_name
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from hf_ext.distributed import all_gather_with_grad
 
 __all__ = ["CachedCoSENTLoss", "CoSENTLoss", "cosent_loss"]
+
+# sentence-transformers >= 6.2 replays GradCache mini-batches under DDP's no_sync() except the last one (one
+# gradient all-reduce per step). 6.0/6.1 synchronise after every replay: ranks with different numbers of
+# mini-batches then issue different numbers of collectives and deadlock or crash. CachedCoSENTLoss backports it.
+_ST_REPLAYS_UNDER_NO_SYNC = hasattr(_gradcache, "_ddp_replay_context")
 
 # How far apart (in log space, beyond the spread of the scores) consecutive groups are pushed in the shared
 # suffix scan: a later group then adds at most exp(-64) (~1.6e-28) relative to a group's own terms, far below
@@ -294,7 +302,36 @@ class CachedCoSENTLoss(CachedLossMixin, CoSENTLoss):
         self.show_progress_bar = show_progress_bar
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        self._replays_left = 0  # counted by the no-grad pass, spent by the replays (old sentence-transformers)
         return self.forward_cached(sentence_features, labels)
+
+    def embed_minibatch_iter(
+        self,
+        sentence_feature: dict[str, Tensor],
+        with_grad: bool,
+        copy_random_state: bool,
+        random_states: list | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+    ) -> Iterator[tuple[Tensor, Any]]:
+        minibatches = super().embed_minibatch_iter(
+            sentence_feature, with_grad, copy_random_state, random_states, ranges
+        )
+        if _ST_REPLAYS_UNDER_NO_SYNC or not isinstance(self.model, DistributedDataParallel):
+            yield from minibatches
+            return
+        if not with_grad:  # step (1); copy_random_state is set exactly when step (3) will replay these
+            if copy_random_state and ranges is not None:
+                self._replays_left += len(ranges)
+            yield from minibatches
+            return
+        while True:  # step (3): only the step's very last replay lets DDP all-reduce the gradients
+            with nullcontext() if self._replays_left <= 1 else self.model.no_sync():
+                try:
+                    item = next(minibatches)  # the forward runs inside the context
+                except StopIteration:
+                    return
+                self._replays_left -= 1
+                yield item  # the hook runs this mini-batch's backward here, still inside the context
 
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
