@@ -227,6 +227,11 @@ def main(args: CoSENTRecipeArguments, training_args) -> dict:
         render_card(args, training_args, loss, results, output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
+        before_text = f"{before:.4f} -> " if before is not None else ""
+        print(
+            f"\nSTS test Spearman ({args.model_type}-encoder, {type(loss).__name__}): "
+            f"{before_text}{results['test_spearman']:.4f}; model and card saved to {output_dir}"
+        )
     trainer.accelerator.end_training()
     return results
 

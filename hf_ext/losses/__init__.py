@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .cosent import CachedCoSENTLoss, CoSENTLoss, cosent_loss
 from .cross_encoder_cosent import CrossEncoderCoSENTLoss
+from .tvd import tvd_loss, tvd_weights
 
-__all__ = ["CachedCoSENTLoss", "CoSENTLoss", "CrossEncoderCoSENTLoss", "cosent_loss"]
+__all__ = ["CachedCoSENTLoss", "CoSENTLoss", "CrossEncoderCoSENTLoss", "cosent_loss", "tvd_loss", "tvd_weights"]

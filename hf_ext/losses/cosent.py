@@ -100,7 +100,7 @@ def cosent_loss(scores: Tensor, labels: Tensor, *, scale: float = 20.0, groups: 
     >>> import torch
     >>> scores = torch.tensor([0.9, 0.2, 0.5], requires_grad=True)
     >>> cosent_loss(scores, torch.tensor([5.0, 0.0, 3.0]))  # ordered correctly: small loss
-    tensor(0.0025, grad_fn=<LogsumexpBackward0>)
+    tensor(0.0028, grad_fn=<LogsumexpBackward0>)
     ```
     """
     _validate(scores, labels, scale, groups)
