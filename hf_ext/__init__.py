@@ -24,7 +24,8 @@ from .assets import (
     smollm2_path,
 )
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
-from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss
+from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, tvd_loss
+from .trainers import TVDConfig, TVDTrainer, tvd_compute_loss_func
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "CachedCoSENTLoss",
     "CoSENTLoss",
     "CrossEncoderCoSENTLoss",
+    "TVDConfig",
+    "TVDTrainer",
     "__version__",
     "accelerate_config_names",
     "accelerate_config_path",
@@ -48,4 +51,6 @@ __all__ = [
     "load_stsb",
     "minilm_path",
     "smollm2_path",
+    "tvd_compute_loss_func",
+    "tvd_loss",
 ]

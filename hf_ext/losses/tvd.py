@@ -13,6 +13,7 @@ both passes: it keeps only O(rows) statistics for the backward pass (no log-soft
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["tvd_loss", "tvd_weights"]
@@ -151,15 +152,24 @@ def tvd_loss(
                 f"`labels` must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; got "
                 f"{labels[bad][:5].tolist()}."
             )
-    safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
-    target_logp, mean_logp = _TargetLogProbs.apply(logits, safe_labels, chunk_rows)
-    weights = tvd_weights(target_logp, gamma, min_weight)
-    per_target = -(1.0 - label_smoothing) * weights * target_logp
-    if label_smoothing > 0:
-        per_target = per_target - label_smoothing * mean_logp
-    mask = counted.to(per_target.dtype)
-    total = (per_target * mask).sum()
-    count = mask.sum()
+    count = counted.sum().to(torch.promote_types(logits.dtype, torch.float32))
+    if gamma == 0.0 and logits.dtype in (torch.float32, torch.float64):
+        # Every weight is exactly 1: this is cross-entropy, computed by F.cross_entropy itself (the same numbers as
+        # transformers' own losses). Half-precision logits take the chunked path, which upcasts chunk by chunk.
+        total = F.cross_entropy(
+            logits, labels, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+        )
+        weights = torch.ones_like(total)
+        mask = None
+    else:
+        safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
+        target_logp, mean_logp = _TargetLogProbs.apply(logits, safe_labels, chunk_rows)
+        weights = tvd_weights(target_logp, gamma, min_weight)
+        per_target = -(1.0 - label_smoothing) * weights * target_logp
+        if label_smoothing > 0:
+            per_target = per_target - label_smoothing * mean_logp
+        mask = counted.to(per_target.dtype)
+        total = (per_target * mask).sum()
     if num_items_in_batch is None:
         denominator = count
     else:
@@ -167,6 +177,6 @@ def tvd_loss(
     # An all-ignored batch sums to exactly 0: dividing by max(denominator, 1) then returns 0, not 0/0 = NaN.
     loss = total / denominator.clamp_min(1.0)
     if return_weight_mean:
-        weight_mean = (weights * mask).sum() / count.clamp_min(1.0)
+        weight_mean = weights if mask is None else (weights * mask).sum() / count.clamp_min(1.0)
         return loss, weight_mean
     return loss

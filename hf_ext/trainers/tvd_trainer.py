@@ -1,0 +1,181 @@
+"""`TVDTrainer`: a `Trainer` whose loss is TVD (TaiLr), and `tvd_compute_loss_func` for the stock `Trainer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from hf_ext.losses.tvd import tvd_loss
+from hf_ext.trainers.tvd_config import TVDConfig
+
+__all__ = ["TVDTrainer", "tvd_compute_loss_func"]
+
+TVD_TASKS = ("classification", "causal_lm", "seq2seq", "token_classification")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return _base_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def _align(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: the logit at position t predicts the label at t + 1. The labels move (padded with -100 at the
+    end, as transformers' own causal-LM loss does), not the logits: slicing those would copy them."""
+    if shift:
+        return logits, torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    return logits, labels
+
+
+def tvd_compute_loss_func(
+    gamma: float,
+    *,
+    task: str = "causal_lm",
+    min_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Callable[..., torch.Tensor]:
+    """A ``compute_loss_func`` for the stock `Trainer` (or TRL's `SFTTrainer`) computing the TVD loss.
+
+    The Trainer passes it the outputs, the labels and ``num_items_in_batch`` (its count of targets over the
+    accumulated and, with ``average_tokens_across_devices``, multi-process batch), so gradient accumulation and
+    several GPUs give the update of one big batch. A constant gamma only: for a schedule and weight logging use
+    `TVDTrainer`.
+
+    Args:
+        gamma (`float`): in [0, 1); 0 is cross-entropy.
+        task (`str`, *optional*, defaults to `"causal_lm"`): one of ``("classification", "causal_lm", "seq2seq",
+            "token_classification")``; ``causal_lm`` shifts the labels by one position.
+        min_weight (`float`, *optional*, defaults to `0.0`): floor of the weights, in [0, 1].
+        label_smoothing (`float`, *optional*, defaults to `0.0`): un-reweighted smoothing term.
+        ignore_index (`int`, *optional*, defaults to `-100`): label of targets to skip.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer
+    >>> loss_func = tvd_compute_loss_func(0.5, task="causal_lm", min_weight=0.2)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss_func)  # doctest: +SKIP
+    ```
+    """
+    if task not in TVD_TASKS:
+        raise ValueError(f"`task` must be one of {TVD_TASKS}, got {task!r}.")
+    tvd_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), gamma=gamma, min_weight=min_weight,
+             label_smoothing=label_smoothing)  # fmt: skip  # validates the settings now, not at the first step
+
+    def compute_loss_func(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits, labels = _align(logits, labels, shift=task == "causal_lm")
+        return tvd_loss(logits, labels, gamma=gamma, min_weight=min_weight, label_smoothing=label_smoothing,
+                        ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)  # fmt: skip
+
+    return compute_loss_func
+
+
+class TVDTrainer(Trainer):
+    """A `Trainer` that trains with the TVD (TaiLr) loss instead of cross-entropy.
+
+    Handles sequence classification (``(batch, classes)`` logits), causal LM (labels shifted by one, like the
+    model's own loss) and seq2seq / token classification (labels aligned with the logits), with ``-100`` ignored.
+    The loss is always normalised by the number of targets of the whole optimizer step (all gradient-accumulation
+    micro-batches, and all processes when ``average_tokens_across_devices``), so accumulation and multi-GPU give
+    the update of one big batch. Logs ``tvd_gamma`` (the scheduled value) and ``tvd_weight_mean``.
+
+    Args:
+        args (`TVDConfig`): the training arguments with the TVD settings (``tvd_gamma``, ``tvd_min_weight``,
+            ``tvd_gamma_schedule``, ``tvd_gamma_start``); ``label_smoothing_factor`` is honoured.
+        **kwargs: everything `Trainer` takes. ``compute_loss_func`` is refused (the loss is this trainer's job).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> from hf_ext.trainers import TVDConfig, TVDTrainer
+    >>> args = TVDConfig(output_dir="out", tvd_gamma=0.5, tvd_min_weight=0.2)
+    >>> trainer = TVDTrainer(model=model, args=args, train_dataset=train)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    # The loss is normalised over the whole accumulated batch: the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: nn.Module | None = None, args: TVDConfig | None = None, **kwargs: Any) -> None:
+        if not isinstance(args, TVDConfig):
+            raise ValueError(f"`args` must be a TVDConfig (TrainingArguments plus the TVD settings), got {type(args)}.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("TVDTrainer computes its own loss: do not pass `compute_loss_func`.")
+        super().__init__(model=model, args=args, **kwargs)
+        # Make the Trainer count the targets of every step (num_items_in_batch) and skip its division by the
+        # accumulation steps on transformers versions without `loss_is_scaled_for_ga`. The model itself never
+        # receives loss kwargs: compute_loss calls it without labels.
+        self.model_accepts_loss_kwargs = True
+        self._tvd_shift = _is_causal_lm(self.model)
+        self._tvd_weight_sum = torch.zeros(())
+        self._tvd_weight_count = 0
+
+    @property
+    def tvd_gamma(self) -> float:
+        """The gamma of the current step under the configured schedule."""
+        max_steps = max(self.state.max_steps or 0, 1)
+        return self.args.tvd_gamma_at(self.state.global_step / max_steps)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Targets of the whole optimizer step, counted exactly as `compute_loss` counts them."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(
+            (batch["labels"][..., 1:] if self._tvd_shift else batch["labels"]).ne(-100).sum() for batch in batch_samples
+        )
+        count = torch.as_tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("TVDTrainer needs `labels` in every batch (class ids or token ids, -100 to ignore).")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits, targets = _align(logits, labels, self._tvd_shift and logits.dim() == 3)
+        loss, weight_mean = tvd_loss(
+            logits,
+            targets,
+            gamma=self.tvd_gamma,
+            min_weight=self.args.tvd_min_weight,
+            label_smoothing=self.args.label_smoothing_factor,
+            num_items_in_batch=num_items_in_batch,
+            return_weight_mean=True,
+        )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the targets of every process; DDP averages the gradients over processes.
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._tvd_weight_sum = self._tvd_weight_sum.to(weight_mean.device) + weight_mean.detach()
+            self._tvd_weight_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs: add the schedule and the mean weight since the last log
+            logs["tvd_gamma"] = self.tvd_gamma
+            if self._tvd_weight_count:
+                logs["tvd_weight_mean"] = round(float(self._tvd_weight_sum) / self._tvd_weight_count, 4)
+                self._tvd_weight_sum = torch.zeros(())
+                self._tvd_weight_count = 0
+        super().log(logs, *args, **kwargs)
