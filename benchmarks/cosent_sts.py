@@ -345,15 +345,17 @@ def main() -> None:
         speed(data, args.output, args.speed_repetitions)
     if "memory" in args.parts:
         memory(data, args.output, args.memory_batch)
-    # Seed-major, and the slowest run (the cached loss: two forward passes) of each seed last: an interrupted run
-    # still holds the main comparisons for every seed it reached.
-    for seed in args.seeds:
-        if "bi" in args.parts:
-            train_runs(data, args.output, "bi", [x for x in BI_LOSSES if x != "cached_cosent"], [seed], args.train_args)
-        if "cross" in args.parts:
-            train_runs(data, args.output, "cross", CROSS_LOSSES, [seed], args.train_args)
-        if "bi" in args.parts:
-            train_runs(data, args.output, "bi", ["cached_cosent"], [seed], args.train_args)
+    # Priority order (every run is resumable): all losses for the first seeds, then the main comparisons (hf_ext
+    # vs sentence-transformers CoSENT, cross-encoder CoSENT vs BCE) for the last seed before the rest; the slowest
+    # run (the cached loss, two forward passes) last within each group. An interrupted run thus holds the most
+    # informative subset, and the summary records how many seeds each mean is over.
+    main_runs = [("bi", "cosent"), ("bi", "st_cosent"), ("cross", "cosent"), ("cross", "st_bce")]
+    other_runs = [("bi", "st_angle"), ("bi", "st_cosine"), ("cross", "st_mse"), ("bi", "cached_cosent")]
+    schedule = [(kind, loss, seed) for seed in args.seeds[:-1] for kind, loss in main_runs + other_runs]
+    schedule += [(kind, loss, args.seeds[-1]) for kind, loss in main_runs + other_runs]
+    for kind, loss, seed in schedule:
+        if kind in args.parts:
+            train_runs(data, args.output, kind, [loss], [seed], args.train_args)
     _save(args.output, data)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
