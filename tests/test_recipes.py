@@ -122,3 +122,82 @@ def test_train_cosent_rejects_bad_arguments(argv: list[str], match: str) -> None
 
     with pytest.raises(ValueError, match=match):
         train_cosent.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- train_tvd
+
+TRAIN_TVD = Path(__file__).resolve().parents[1] / "recipes" / "train_tvd.py"
+
+
+def _launch_train_tvd(model_dir: str, output_dir: Path, *extra: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    import hf_ext
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
+        str(TRAIN_TVD), "--model_name_or_path", model_dir, "--max_train_samples", "32", "--max_eval_samples", "16",
+        "--max_steps", "3", "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def test_train_tvd_classification_with_label_noise_writes_a_loadable_model_and_card(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    results = _launch_train_tvd(
+        str(tiny_bert_dir), tmp_path / "cls", "--task", "classification", "--label_noise", "0.4",
+        "--tvd_gamma", "0.5", "--tvd_min_weight", "0.2",
+    )  # fmt: skip
+    assert results["train_examples"] == 32 and 0 <= results["test"]["accuracy"] <= 1 and results["test"]["ece"] >= 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+    assert model.config.id2label[0] == "business"
+    card = (tmp_path / "cls" / "README.md").read_text()
+    assert "TVDTrainer" in card and "gamma 0.5" in card and f"{results['test']['accuracy']:.4f}" in card
+
+
+def test_train_tvd_causal_lm_writes_a_loadable_model_and_card(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    results = _launch_train_tvd(str(tiny_llama_dir), tmp_path / "lm", "--task", "causal_lm", "--block_size", "32")
+    assert results["test"]["perplexity"] > 1 and 0 <= results["test"]["token_ece"] <= 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").num_parameters() > 0
+    assert "causal_lm model fine-tuned with TVD" in (tmp_path / "lm" / "README.md").read_text()
+
+
+def test_flip_labels_is_symmetric_noise_at_the_requested_rate() -> None:
+    sys.path.insert(0, str(TRAIN_TVD.parent))
+    import train_tvd
+
+    labels = [i % 5 for i in range(5000)]
+    noisy = train_tvd.flip_labels(labels, 0.4, 5, seed=0)
+    flipped = [a != b for a, b in zip(labels, noisy, strict=True)]
+    assert abs(sum(flipped) / len(labels) - 0.4) < 0.03
+    assert noisy == train_tvd.flip_labels(labels, 0.4, 5, seed=0)
+    targets = [b for a, b, f in zip(labels, noisy, flipped, strict=True) if f and a == 0]
+    assert set(targets) == {1, 2, 3, 4}  # a flipped label goes to every other class
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--task", "summarise"], "`task` must be one of"),
+        (["--task", "classification", "--label_noise", "1.0"], r"`label_noise` must be in \[0, 1\)"),
+        (["--task", "causal_lm", "--label_noise", "0.2"], "`label_noise` applies to --task classification only"),
+        (["--task", "classification", "--trainer", "sft"], "`trainer` must be 'tvd' or 'plain'"),
+        (["--task", "classification", "--tvd_gamma", "1.2"], r"`tvd_gamma` must be a number in \[0, 1\)"),
+    ],
+)
+def test_train_tvd_rejects_bad_arguments(argv: list[str], match: str) -> None:
+    sys.path.insert(0, str(TRAIN_TVD.parent))
+    import train_tvd
+
+    with pytest.raises(ValueError, match=match):
+        train_tvd.parse_args(argv)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .calibration import calibration_bins, expected_calibration_error
+from .calibration import calibration_bins, confidence_calibration, expected_calibration_error
 
-__all__ = ["calibration_bins", "ece_module_path", "expected_calibration_error", "load_ece"]
+__all__ = ["calibration_bins", "confidence_calibration", "ece_module_path", "expected_calibration_error", "load_ece"]
 
 
 def ece_module_path() -> Path:

@@ -56,3 +56,19 @@ def test_the_evaluate_module_loads_offline_and_agrees() -> None:
 def test_bad_input_is_refused(probs, refs, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         expected_calibration_error(probs, refs, **kwargs)
+
+
+def test_confidence_form_equals_the_probability_form() -> None:
+    from hf_ext.metrics import confidence_calibration
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(300, 4)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    refs = rng.integers(0, 4, size=300)
+    ece, bins = confidence_calibration(probs.max(axis=1), probs.argmax(axis=1) == refs)
+    assert ece == pytest.approx(expected_calibration_error(probs, refs))
+    assert bins == calibration_bins(probs, refs)
+    with pytest.raises(ValueError, match="`confidences` must be finite probabilities"):
+        confidence_calibration([1.5], [1])
+    with pytest.raises(ValueError, match="`correct` must hold 0/1"):
+        confidence_calibration([0.5], [2])
