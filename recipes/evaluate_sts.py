@@ -48,20 +48,15 @@ def main(args: EvaluateSTSArguments) -> dict:
     model = SentenceTransformer(model_id)
     data = load_stsb(args.split)
     start = time.perf_counter()
-    emb1 = model.encode(
-        data["sentence1"],
+    # one call for both columns: one progress bar, full batches
+    embeddings = model.encode(
+        data["sentence1"] + data["sentence2"],
         batch_size=args.batch_size,
         convert_to_numpy=True,
         normalize_embeddings=True,
         show_progress_bar=True,
     )
-    emb2 = model.encode(
-        data["sentence2"],
-        batch_size=args.batch_size,
-        convert_to_numpy=True,
-        normalize_embeddings=True,
-        show_progress_bar=True,
-    )
+    emb1, emb2 = embeddings[: len(data)], embeddings[len(data) :]
     seconds = time.perf_counter() - start
     cosine = np.sum(emb1 * emb2, axis=1)
     gold = np.asarray(data["score"], dtype=np.float64)

@@ -40,6 +40,12 @@ _ST_REPLAYS_UNDER_NO_SYNC = hasattr(_gradcache, "_ddp_replay_context")
 _GROUP_SEPARATION = 64.0
 
 
+def check_scale(scale: float) -> None:
+    """Refuse a CoSENT ``scale`` that is not a finite number > 0 (the inverse temperature)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
+        raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}.")
+
+
 def _check_finite(name: str, tensor: Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise ValueError(f"`{name}` contains NaN or inf; CoSENT needs finite {name}.")
@@ -56,8 +62,7 @@ def _validate(scores: Tensor, labels: Tensor, scale: float, groups: Tensor | Non
         raise ValueError(
             f"`labels` must hold one label per score: got {labels.numel()} labels for {scores.numel()} scores."
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
-        raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}.")
+    check_scale(scale)
     if groups is not None:
         if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.is_complex():
             raise ValueError("`groups` must be an integer tensor with one group id per score.")
@@ -205,8 +210,7 @@ class CoSENTLoss(_STCoSENTLoss):
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = pairwise_cos_sim,
         gather_across_devices: bool = False,
     ) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
-            raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}.")
+        check_scale(scale)
         if not callable(similarity_fct):
             raise ValueError(f"`similarity_fct` must be callable (a, b) -> (batch,), got {similarity_fct!r}.")
         if not isinstance(gather_across_devices, bool):

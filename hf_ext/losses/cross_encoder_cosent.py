@@ -11,7 +11,7 @@ from sentence_transformers.util import batch_to_device, fullname
 from torch import Tensor, nn
 
 from hf_ext.distributed import all_gather_with_grad, get_rank, get_world_size
-from hf_ext.losses.cosent import cosent_loss
+from hf_ext.losses.cosent import check_scale, cosent_loss
 
 __all__ = ["CrossEncoderCoSENTLoss"]
 
@@ -69,8 +69,7 @@ class CrossEncoderCoSENTLoss(nn.Module):
         gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < float("inf")):
-            raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}.")
+        check_scale(scale)
         if activation_fn is not None and not callable(activation_fn):
             raise ValueError(f"`activation_fn` must be an nn.Module or callable, got {activation_fn!r}.")
         if not isinstance(gather_across_devices, bool):
