@@ -345,14 +345,17 @@ def main() -> None:
         speed(data, args.output, args.speed_repetitions)
     if "memory" in args.parts:
         memory(data, args.output, args.memory_batch)
-    # Priority order (every run is resumable): all losses for the first seeds, then the main comparisons (hf_ext
-    # vs sentence-transformers CoSENT, cross-encoder CoSENT vs BCE) for the last seed before the rest; the slowest
-    # run (the cached loss, two forward passes) last within each group. An interrupted run thus holds the most
-    # informative subset, and the summary records how many seeds each mean is over.
+    # Priority order (every run is resumable): all losses for the first seed, then the main comparisons (hf_ext vs
+    # sentence-transformers CoSENT, cross-encoder CoSENT vs BCE) before the other peers for every later seed; the
+    # cached loss (same objective, two forward passes: the slowest run) for later seeds comes last of all. An
+    # interrupted run thus holds the most informative subset; the summary records how many seeds each mean is over.
     main_runs = [("bi", "cosent"), ("bi", "st_cosent"), ("cross", "cosent"), ("cross", "st_bce")]
-    other_runs = [("bi", "st_angle"), ("bi", "st_cosine"), ("cross", "st_mse"), ("bi", "cached_cosent")]
-    schedule = [(kind, loss, seed) for seed in args.seeds[:-1] for kind, loss in main_runs + other_runs]
-    schedule += [(kind, loss, args.seeds[-1]) for kind, loss in main_runs + other_runs]
+    other_runs = [("bi", "st_angle"), ("bi", "st_cosine"), ("cross", "st_mse")]
+    cached = [("bi", "cached_cosent")]
+    first, *later = args.seeds
+    schedule = [(kind, loss, first) for kind, loss in main_runs + other_runs + cached]
+    schedule += [(kind, loss, seed) for seed in later for kind, loss in main_runs + other_runs]
+    schedule += [(kind, loss, seed) for seed in later for kind, loss in cached]
     for kind, loss, seed in schedule:
         if kind in args.parts:
             train_runs(data, args.output, kind, [loss], [seed], args.train_args)
