@@ -1,7 +1,22 @@
-"""Generation: NBCE (many contexts beyond the model's window) as a logits processor and a `generate` wrapper."""
+"""Generation: NBCE (many contexts beyond the model's window) as a logits processor, a `generate` wrapper, and a
+`custom_generate` folder for the Hub."""
 
 from __future__ import annotations
 
-from .nbce import NBCELogitsProcessor, nbce_batch, nbce_combine, nbce_generate, split_into_windows
+from .nbce import (
+    NBCELogitsProcessor,
+    nbce_batch,
+    nbce_combine,
+    nbce_custom_generate_path,
+    nbce_generate,
+    split_into_windows,
+)
 
-__all__ = ["NBCELogitsProcessor", "nbce_batch", "nbce_combine", "nbce_generate", "split_into_windows"]
+__all__ = [
+    "NBCELogitsProcessor",
+    "nbce_batch",
+    "nbce_combine",
+    "nbce_custom_generate_path",
+    "nbce_generate",
+    "split_into_windows",
+]

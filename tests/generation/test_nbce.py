@@ -173,3 +173,23 @@ def test_one_context_and_beta_zero_is_plain_greedy_on_the_real_smollm2(smollm2) 
     answer = nbce_generate(model, tokenizer, [context], QUESTION, beta=0.0, max_new_tokens=16)
     assert answer == _plain_greedy(model, tokenizer, f"{context}\n\n{QUESTION}", 16)
     assert len(answer.split()) >= 3  # a real answer (the 135M model does not always get this one right)
+
+
+def test_the_custom_generate_folder_works_from_a_local_path(tiny_llama, tmp_path) -> None:
+    import shutil
+
+    from hf_ext.generation import nbce_custom_generate_path
+
+    model, tokenizer = tiny_llama
+    folder = tmp_path / "nbce-repo"  # a copy, as a user would upload it to a Hub repo
+    shutil.copytree(nbce_custom_generate_path(), folder, ignore=shutil.ignore_patterns("__pycache__"))
+    assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "README.md").is_file()
+    out = model.generate(custom_generate=str(folder), trust_remote_code=True, tokenizer=tokenizer,
+                         contexts=CONTEXTS, question=QUESTION, max_new_tokens=10)  # fmt: skip
+    prompt_length = nbce_batch(tokenizer, CONTEXTS, QUESTION)["input_ids"].shape[1]
+    answer = tokenizer.decode(out[0, prompt_length:], skip_special_tokens=True)
+    assert answer == nbce_generate(model, tokenizer, CONTEXTS, QUESTION, max_new_tokens=10)
+    batch = nbce_batch(tokenizer, CONTEXTS, QUESTION)  # a prebuilt batch works too
+    out2 = model.generate(**batch, custom_generate=str(folder), trust_remote_code=True, max_new_tokens=10,
+                          pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    assert torch.equal(out2, out)

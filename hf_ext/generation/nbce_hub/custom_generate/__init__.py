@@ -1,0 +1,1 @@
+"""NBCE custom generation method (self-contained: torch + transformers)."""

@@ -1,0 +1,302 @@
+"""NBCE (Naive Bayes-based Context Extension) as a `custom_generate` method for transformers' `generate`.
+
+A causal LM reads many contexts whose total exceeds its window: each context in its own batch row, row 0 the
+question alone; each step the rows' next-token distributions are combined by Naive Bayes,
+``(1 + beta) * Pool_k[log p(T | S_k)] - beta * log p(T)`` (entropy pooling: the most confident context, with a
+stickiness bonus), and ONE token is appended to every row.
+
+Use (from a Hub repo holding this folder, or a local copy of it):
+
+    out = model.generate(custom_generate="<repo or folder>", trust_remote_code=True, tokenizer=tokenizer,
+                         contexts=["...", "..."], question="...", max_new_tokens=64)
+    answer = tokenizer.decode(out[0, -64:], skip_special_tokens=True)  # or pass a prebuilt batch (see `generate`)
+
+This file is self-contained (torch + transformers only) so that it works from the Hub; the hf_ext package imports
+its NBCE core from here (`hf_ext.generation.nbce`), so there is one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
+
+POOLINGS = ("entropy", "mean", "max")
+
+
+def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
+    """-inf outside each row's nucleus: the smallest set of tokens whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    cumulative = sorted_logp.exp().cumsum(dim=-1)
+    drop_sorted = (cumulative - sorted_logp.exp()) >= top_p  # keep a token while the mass before it is < top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logp.masked_fill(drop, -torch.inf)
+
+
+def nbce_combine(
+    logits: Tensor,
+    *,
+    beta: float = 0.25,
+    pooling: str = "entropy",
+    eta: float = 0.1,
+    top_p: float = 0.95,
+    previous: int | None = None,
+) -> tuple[Tensor, int | None]:
+    """Combine one step's next-token logits of the NBCE rows into one log-distribution.
+
+    Args:
+        logits (`torch.Tensor` of shape `(1 + n_contexts, vocab)`): row 0 without context, row k with context k.
+        beta (`float`, *optional*, defaults to `0.25`): weight of the context-free prior, > -1.
+        pooling (`str`, *optional*, defaults to `"entropy"`): ``entropy`` (lowest-entropy context), ``mean``
+            (average log-probability: PCW-like) or ``max``.
+        eta (`float`, *optional*, defaults to `0.1`): entropy bonus of the previously chosen context (entropy).
+        top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of every row before combining.
+        previous (`int`, *optional*): the context row (1-based) chosen at the previous step.
+
+    Returns:
+        ``(combined, chosen)``: the combined log-scores ``(vocab,)`` (-inf outside the pooled nucleus) and the
+        context row chosen by entropy pooling (None for mean / max).
+    """
+    logp = _top_p_mask(torch.log_softmax(logits.float(), dim=-1), top_p)  # (rows, vocab)
+    prior, conditionals = logp[0], logp[1:]
+    chosen = None
+    if pooling == "entropy":
+        probs = torch.softmax(conditionals, dim=-1)  # renormalised within each nucleus
+        entropy = -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
+        if previous is not None and 1 <= previous <= conditionals.shape[0]:
+            entropy[previous - 1] -= eta
+        chosen = int(entropy.argmin()) + 1
+        pooled = logp[chosen]
+    elif pooling == "mean":
+        pooled = conditionals.mean(dim=0)
+    elif pooling == "max":
+        pooled = conditionals.max(dim=0).values
+    else:
+        raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+    merged = (1.0 + beta) * pooled - beta * prior
+    # Where the context-free prior excludes a token (outside its nucleus), use the pooled term alone.
+    combined = torch.where(torch.isfinite(prior), merged, pooled)
+    return combined, chosen
+
+
+class NBCELogitsProcessor(LogitsProcessor):
+    r"""Make every batch row of `generate` emit the NBCE token: the one picked from the combined distribution.
+
+    Batch row 0 must hold the question without context, rows 1..n one context each (see `nbce_generate`, which
+    builds that batch). Each step the rows' logits are combined by `nbce_combine`, ONE token is picked (greedy, or
+    sampled with this processor's own seeded generator) and every row's scores become 0 for that token and -inf
+    elsewhere, so greedy decoding and sampling in `generate` both append it to every row.
+
+    Args:
+        beta (`float`, *optional*, defaults to `0.25`): prior weight, > -1 (0 ignores the context-free row).
+        pooling (`str`, *optional*, defaults to `"entropy"`): ``entropy``, ``mean`` or ``max``.
+        eta (`float`, *optional*, defaults to `0.1`): stickiness bonus of the previously chosen context, >= 0.
+        top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of each row before combining, in (0, 1].
+        temperature (`float`, *optional*, defaults to `1.0`): sampling temperature, > 0 (with ``do_sample``).
+        do_sample (`bool`, *optional*, defaults to `False`): sample the token instead of taking the argmax.
+        generator (`torch.Generator`, *optional*): the sampling generator (seed it for reproducible sampling).
+
+    Example:
+
+    ```python
+    >>> processor = NBCELogitsProcessor(beta=0.25)
+    >>> batch = nbce_batch(tokenizer, contexts, question)  # row 0: the question alone; rows 1..n: one context each
+    >>> out = model.generate(**batch, logits_processor=[processor], max_new_tokens=32)  # doctest: +SKIP
+    >>> answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.25,
+        pooling: str = "entropy",
+        eta: float = 0.1,
+        top_p: float = 0.95,
+        temperature: float = 1.0,
+        do_sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > -1 or not math.isfinite(beta):
+            raise ValueError(f"`beta` must be a finite number > -1, got {beta!r}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+        if not isinstance(eta, (int, float)) or not eta >= 0:
+            raise ValueError(f"`eta` must be a number >= 0, got {eta!r}.")
+        if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+        self.beta, self.pooling, self.eta, self.top_p = float(beta), pooling, float(eta), float(top_p)
+        self.temperature, self.do_sample, self.generator = float(temperature), bool(do_sample), generator
+        self.chosen_contexts: list[int | None] = []  # per generated token: the context row entropy pooling used
+        self._length: int | None = None
+
+    def _pick(self, combined: Tensor) -> int:
+        if not self.do_sample:
+            return int(combined.argmax())
+        probs = torch.softmax(combined / self.temperature, dim=-1)
+        device = self.generator.device if self.generator is not None else probs.device
+        return int(torch.multinomial(probs.to(device), 1, generator=self.generator))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] < 2:
+            raise ValueError(
+                "NBCE needs a batch of 1 + n_contexts rows (row 0: the question alone; rows 1..n: one context each), "
+                f"got {scores.shape[0]} row(s). Build it with `nbce_generate` or `nbce_batch`."
+            )
+        if self._length is None or input_ids.shape[1] <= self._length:  # a new generation
+            self.chosen_contexts = []
+            if torch.unique(input_ids, dim=0).shape[0] < input_ids.shape[0]:
+                raise ValueError(
+                    "Two NBCE rows are identical: beam search (num_beams > 1) copies every row, which NBCE does not "
+                    "support (use greedy decoding or sampling), or the same context was passed twice."
+                )
+        elif not bool((input_ids[:, -1] == input_ids[0, -1]).all()):
+            raise ValueError(
+                "The batch rows diverged: NBCE forces one token into every row, which beam search (num_beams > 1) "
+                "and per-row stopping break. Use greedy decoding or sampling with num_beams=1."
+            )
+        self._length = input_ids.shape[1]
+        previous = self.chosen_contexts[-1] if self.chosen_contexts else None
+        combined, chosen = nbce_combine(
+            scores, beta=self.beta, pooling=self.pooling, eta=self.eta, top_p=self.top_p, previous=previous
+        )
+        self.chosen_contexts.append(chosen)
+        token = self._pick(combined)
+        forced = torch.full_like(scores, -torch.inf)
+        forced[:, token] = 0.0
+        return forced
+
+
+def nbce_batch(
+    tokenizer,
+    contexts: Sequence[str],
+    question: str,
+    *,
+    chat_template: bool = True,
+    prompt_template: str = "{context}\n\n{question}",
+    question_template: str = "{question}",
+    max_context_tokens: int | None = None,
+) -> dict[str, Tensor]:
+    """The NBCE batch: row 0 the question alone, row k context k with the question; left-padded.
+
+    With ``chat_template`` (and a tokenizer that has one), each row is one user message rendered with the
+    tokenizer's chat template and the generation prompt; otherwise the plain templates are used as they are.
+    """
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or len(contexts) == 0:
+        raise ValueError("`contexts` must be a non-empty list of strings.")
+    for index, context in enumerate(contexts):
+        if not isinstance(context, str) or not context.strip():
+            raise ValueError(f"`contexts[{index}]` is empty: every context must be a non-empty string.")
+    if len(set(contexts)) < len(contexts):
+        raise ValueError("`contexts` holds the same context twice: pass each context once.")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("`question` must be a non-empty string.")
+    messages = [question_template.format(question=question)] + [
+        prompt_template.format(context=context, question=question) for context in contexts
+    ]
+    use_chat = chat_template and getattr(tokenizer, "chat_template", None)
+    rows = []
+    for text in messages:
+        if use_chat:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        rows.append(list(ids))
+    if max_context_tokens is not None:
+        for index, ids in enumerate(rows[1:], start=1):
+            if len(ids) > max_context_tokens:
+                raise ValueError(
+                    f"`contexts[{index - 1}]` makes a prompt of {len(ids)} tokens, more than the model's window "
+                    f"({max_context_tokens}): split it first with `split_into_windows`."
+                )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an EOS token: set `tokenizer.pad_token`.")
+    longest = max(len(ids) for ids in rows)
+    input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in rows])
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in rows])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class FirstRowStreamer:
+    """Pass row 0 of each step to a transformers streamer (they accept one sequence; all rows are equal)."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+
+    def put(self, value: Tensor) -> None:
+        self.streamer.put(value[:1])  # the prompt (rows, len) -> (1, len); a step's tokens (rows,) -> (1,)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
+def generate(
+    model,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    logits_processor: LogitsProcessorList | None = None,
+    *,
+    tokenizer=None,
+    contexts: Sequence[str] | None = None,
+    question: str | None = None,
+    nbce_beta: float = 0.25,
+    nbce_pooling: str = "entropy",
+    nbce_eta: float = 0.1,
+    nbce_top_p: float = 0.95,
+    nbce_temperature: float = 1.0,
+    nbce_do_sample: bool = False,
+    nbce_generator: torch.Generator | None = None,
+    streamer: Any = None,
+    **kwargs: Any,
+) -> Tensor:
+    """NBCE decoding through `model.generate(custom_generate=..., trust_remote_code=True, ...)`.
+
+    Either pass ``tokenizer``, ``contexts`` and ``question`` (the batch is built with the tokenizer's chat
+    template), or a prebuilt batch (``input_ids``, ``attention_mask``: row 0 the question alone, rows 1..n one
+    context each, left-padded). ``nbce_*`` set the `NBCELogitsProcessor`; everything else goes to `generate`
+    (``num_beams`` must be 1). Returns the token ids of every row (all rows carry the same answer).
+    """
+    if kwargs.get("num_beams", 1) not in (None, 1):
+        raise ValueError("NBCE picks one token for all rows: `num_beams` must be 1 (greedy or sampling).")
+    for key in ("generation_config", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask"):  # fmt: skip
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
+    if input_ids is None and kwargs.get("inputs") is not None:
+        input_ids = kwargs.pop("inputs")
+    kwargs.pop("inputs", None)
+    if contexts is not None or question is not None:
+        if tokenizer is None:
+            raise ValueError("Pass `tokenizer` along with `contexts` and `question` to build the NBCE batch.")
+        window = getattr(model.config, "max_position_embeddings", None)
+        batch = nbce_batch(tokenizer, contexts or [], question or "", max_context_tokens=window)
+        input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        if kwargs.get("pad_token_id") is None:
+            kwargs["pad_token_id"] = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
+    if input_ids is None:
+        raise ValueError("Pass `tokenizer`, `contexts` and `question`, or a prebuilt NBCE batch as `input_ids`.")
+    processor = NBCELogitsProcessor(
+        beta=nbce_beta, pooling=nbce_pooling, eta=nbce_eta, top_p=nbce_top_p, temperature=nbce_temperature,
+        do_sample=nbce_do_sample, generator=nbce_generator,
+    )  # fmt: skip
+    processors = LogitsProcessorList([*(logits_processor or []), processor])
+    kwargs["do_sample"] = False  # the processor already picked (or sampled) the token
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        logits_processor=processors,
+        streamer=FirstRowStreamer(streamer) if streamer is not None else None,
+        **kwargs,
+    )
