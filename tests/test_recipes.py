@@ -201,3 +201,46 @@ def test_train_tvd_rejects_bad_arguments(argv: list[str], match: str) -> None:
 
     with pytest.raises(ValueError, match=match):
         train_tvd.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- nbce_generate
+
+NBCE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "nbce_generate.py"
+
+
+def test_nbce_recipe_streams_the_answer_from_a_folder_of_contexts(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(NBCE_RECIPE.parent))
+    import nbce_generate
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("The museum in Leeds opened a new wing for Roman coins.")
+    diary = " ".join(f"On day {i} Maria painted room {i} teal, her favourite colour." for i in range(30))
+    (folder / "b.txt").write_text(diary)  # split into windows of 64 tokens
+    args = nbce_generate.NBCERecipeArguments(
+        model=str(tiny_llama_dir), contexts=str(folder), question="What is Maria's favourite colour?",
+        max_new_tokens=8, window=64, overlap=8,
+    )  # fmt: skip
+    answer = nbce_generate.main(args)
+    header, _, streamed = capsys.readouterr().out.partition("\n\n")
+    assert header.startswith("2 context(s) -> ") and int(header.split("-> ")[1].split()[0]) > 2
+    assert streamed.strip() == answer.strip()  # what was streamed is the answer
+
+
+@pytest.mark.slow
+def test_nbce_recipe_demo_runs_on_the_embedded_smollm2() -> None:
+    sys.path.insert(0, str(NBCE_RECIPE.parent))
+    import nbce_generate
+
+    answer = nbce_generate.main(nbce_generate.NBCERecipeArguments(num_demo_contexts=3, max_new_tokens=12))
+    assert isinstance(answer, str) and answer.strip()
+
+
+def test_nbce_recipe_rejects_bad_arguments(tmp_path: Path) -> None:
+    sys.path.insert(0, str(NBCE_RECIPE.parent))
+    import nbce_generate
+
+    with pytest.raises(ValueError, match="`question` is required with `contexts`"):
+        nbce_generate.NBCERecipeArguments(contexts="docs/")
+    with pytest.raises(ValueError, match=r"`contexts` must be a folder of \.txt files or a \.jsonl file"):
+        nbce_generate.read_contexts(str(tmp_path / "missing.csv"))
