@@ -71,6 +71,7 @@ def nbce_generate(
     prompt_template: str = "{context}\n\n{question}",
     question_template: str = "{question}",
     return_processor: bool = False,
+    shard_contexts: bool = False,
     **generate_kwargs: Any,
 ) -> str | tuple[str, NBCELogitsProcessor]:
     """Answer ``question`` from ``contexts`` whose total length may exceed the model's window.
@@ -91,6 +92,10 @@ def nbce_generate(
         prompt_template, question_template (`str`): the row texts for rows 1..n and row 0.
         return_processor (`bool`, *optional*, defaults to `False`): also return the processor (its
             ``chosen_contexts`` tells which context each token came from).
+        shard_contexts (`bool`, *optional*, defaults to `False`): under `accelerate launch` / `torchrun`, every
+            process passes the same ``contexts`` and keeps only its contiguous share (memory grows with the number
+            of contexts, so each process holds 1 / world_size of the rows); all processes return the same answer,
+            the one a single process would give.
         **generate_kwargs: passed to `generate` (``num_beams`` > 1 is refused).
 
     Returns:
@@ -112,14 +117,16 @@ def nbce_generate(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
     window = getattr(model.config, "max_position_embeddings", None)
+    if shard_contexts:
+        contexts = _local_share(contexts)
     batch = nbce_batch(
-        tokenizer, contexts, question, chat_template=chat_template, prompt_template=prompt_template,
-        question_template=question_template, max_context_tokens=window,
+        tokenizer, contexts, question, allow_no_context=shard_contexts, chat_template=chat_template,
+        prompt_template=prompt_template, question_template=question_template, max_context_tokens=window,
     )  # fmt: skip
     batch = {key: value.to(model.device) for key, value in batch.items()}
     processor = NBCELogitsProcessor(
         beta=beta, pooling=pooling, eta=eta, top_p=top_p, temperature=temperature, do_sample=do_sample,
-        generator=generator,
+        generator=generator, shard_contexts=shard_contexts,
     )  # fmt: skip
     eos = generate_kwargs.pop("eos_token_id", None) or model.generation_config.eos_token_id or tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -135,6 +142,20 @@ def nbce_generate(
     )
     answer = tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return (answer, processor) if return_processor else answer
+
+
+def _local_share(contexts: Sequence[str]) -> list[str]:
+    """This process's contiguous share of ``contexts`` (the first processes take one more when it does not divide)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("`shard_contexts=True` needs an initialised torch.distributed process group.")
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or len(contexts) == 0:
+        raise ValueError("`contexts` must be a non-empty list of strings.")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    size, extra = divmod(len(contexts), world)
+    start = rank * size + min(rank, extra)
+    return list(contexts[start : start + size + (rank < extra)])
 
 
 def split_into_windows(text: str, tokenizer, window: int, overlap: int = 0) -> list[str]:

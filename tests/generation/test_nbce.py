@@ -193,3 +193,40 @@ def test_the_custom_generate_folder_works_from_a_local_path(tiny_llama, tmp_path
     out2 = model.generate(**batch, custom_generate=str(folder), trust_remote_code=True, max_new_tokens=10,
                           pad_token_id=tokenizer.eos_token_id)  # fmt: skip
     assert torch.equal(out2, out)
+
+
+# ---------------------------------------------------------------------------- contexts sharded across processes
+
+FIVE_CONTEXTS = [*CONTEXTS, "Teal is a blue-green colour named after a duck.", "Kazan lies on the Volga river."]
+
+
+def _sharded_answer(rank: int, world_size: int, model_dir: str, pooling: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    answer, processor = nbce_generate(model, tokenizer, FIVE_CONTEXTS, QUESTION, pooling=pooling, max_new_tokens=10,
+                                      shard_contexts=True, return_processor=True)  # fmt: skip
+    return {"answer": answer, "chosen": processor.chosen_contexts}
+
+
+@pytest.mark.parametrize("pooling", ["entropy", "mean", "max"])
+def test_two_gloo_processes_sharing_the_contexts_give_the_tokens_of_one_process(tiny_llama_dir, pooling) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_ext.testing import run_distributed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    single, processor = nbce_generate(model, tokenizer, FIVE_CONTEXTS, QUESTION, pooling=pooling, max_new_tokens=10,
+                                      return_processor=True)  # fmt: skip
+    results = run_distributed(_sharded_answer, world_size=2, args=(str(tiny_llama_dir), pooling))
+    for result in results:  # rank 0 holds contexts 1-3, rank 1 contexts 4-5
+        assert result["answer"] == single
+        assert result["chosen"] == processor.chosen_contexts
+
+
+def test_sharding_needs_a_process_group(tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    with pytest.raises(ValueError, match=r"`shard_contexts=True` needs an initialised torch\.distributed"):
+        nbce_generate(model, tokenizer, CONTEXTS, QUESTION, shard_contexts=True)

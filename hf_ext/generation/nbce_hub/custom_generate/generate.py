@@ -39,6 +39,74 @@ def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
     return logp.masked_fill(drop, -torch.inf)
 
 
+def _entropies(conditionals: Tensor) -> Tensor:
+    probs = torch.softmax(conditionals, dim=-1)  # renormalised within each nucleus
+    return -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
+
+
+def _pool_local(conditionals: Tensor, pooling: str, eta: float, previous: int | None) -> tuple[Tensor, int | None]:
+    if pooling == "entropy":
+        entropy = _entropies(conditionals)
+        if previous is not None and 1 <= previous <= conditionals.shape[0]:
+            entropy[previous - 1] -= eta
+        chosen = int(entropy.argmin()) + 1
+        return conditionals[chosen - 1], chosen
+    if pooling == "mean":
+        return conditionals.mean(dim=0), None
+    if pooling == "max":
+        return conditionals.max(dim=0).values, None
+    raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+
+
+def _pool_sharded(
+    conditionals: Tensor, pooling: str, eta: float, previous: int | None, offset: int, vocab: int
+) -> tuple[Tensor, int | None]:
+    """Pool the context rows of every process; only per-row statistics and one vocabulary row cross processes.
+
+    ``conditionals`` holds this process's rows, the contexts ``offset + 1 .. offset + n_local`` (global 1-based).
+    """
+    import torch.distributed as dist
+
+    n_local = conditionals.shape[0]
+    device = conditionals.device
+    if pooling == "entropy":
+        if n_local:
+            entropy = _entropies(conditionals)
+            if previous is not None and offset < previous <= offset + n_local:
+                entropy[previous - 1 - offset] -= eta
+            local = torch.stack(
+                [
+                    entropy.min().double(),
+                    torch.tensor(offset + int(entropy.argmin()) + 1.0, device=device, dtype=torch.float64),
+                ]
+            )
+        else:
+            local = torch.tensor([torch.inf, torch.inf], dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered)  # (ranks, 2): lowest entropy first, then lowest global index on ties
+        best = min(range(len(gathered)), key=lambda r: (float(table[r, 0]), float(table[r, 1])))
+        chosen = int(table[best, 1])
+        row = (
+            conditionals[chosen - 1 - offset].contiguous()
+            if best == dist.get_rank()
+            else torch.empty(vocab, dtype=conditionals.dtype, device=device)
+        )
+        dist.broadcast(row, src=best)
+        return row, chosen
+    if pooling == "mean":
+        total = conditionals.sum(dim=0) if n_local else torch.zeros(vocab, dtype=conditionals.dtype, device=device)
+        count = torch.tensor([float(n_local)], dtype=conditionals.dtype, device=device)
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+        return total / count, None
+    if pooling == "max":
+        local_max = conditionals.max(dim=0).values if n_local else torch.full((vocab,), -torch.inf, device=device)
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX)
+        return local_max, None
+    raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+
+
 def nbce_combine(
     logits: Tensor,
     *,
@@ -47,6 +115,7 @@ def nbce_combine(
     eta: float = 0.1,
     top_p: float = 0.95,
     previous: int | None = None,
+    shard_offset: int | None = None,
 ) -> tuple[Tensor, int | None]:
     """Combine one step's next-token logits of the NBCE rows into one log-distribution.
 
@@ -57,28 +126,20 @@ def nbce_combine(
             (average log-probability: PCW-like) or ``max``.
         eta (`float`, *optional*, defaults to `0.1`): entropy bonus of the previously chosen context (entropy).
         top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of every row before combining.
-        previous (`int`, *optional*): the context row (1-based) chosen at the previous step.
+        previous (`int`, *optional*): the context (1-based, global) chosen at the previous step.
+        shard_offset (`int`, *optional*): set when the contexts are sharded across `torch.distributed` processes:
+            this process's rows 1..n are the global contexts ``shard_offset + 1 ..``; every process must call.
 
     Returns:
         ``(combined, chosen)``: the combined log-scores ``(vocab,)`` (-inf outside the pooled nucleus) and the
-        context row chosen by entropy pooling (None for mean / max).
+        context chosen by entropy pooling (global, 1-based; None for mean / max).
     """
     logp = _top_p_mask(torch.log_softmax(logits.float(), dim=-1), top_p)  # (rows, vocab)
     prior, conditionals = logp[0], logp[1:]
-    chosen = None
-    if pooling == "entropy":
-        probs = torch.softmax(conditionals, dim=-1)  # renormalised within each nucleus
-        entropy = -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
-        if previous is not None and 1 <= previous <= conditionals.shape[0]:
-            entropy[previous - 1] -= eta
-        chosen = int(entropy.argmin()) + 1
-        pooled = logp[chosen]
-    elif pooling == "mean":
-        pooled = conditionals.mean(dim=0)
-    elif pooling == "max":
-        pooled = conditionals.max(dim=0).values
+    if shard_offset is None:
+        pooled, chosen = _pool_local(conditionals, pooling, eta, previous)
     else:
-        raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+        pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, logp.shape[-1])
     merged = (1.0 + beta) * pooled - beta * prior
     # Where the context-free prior excludes a token (outside its nucleus), use the pooled term alone.
     combined = torch.where(torch.isfinite(prior), merged, pooled)
@@ -101,6 +162,10 @@ class NBCELogitsProcessor(LogitsProcessor):
         temperature (`float`, *optional*, defaults to `1.0`): sampling temperature, > 0 (with ``do_sample``).
         do_sample (`bool`, *optional*, defaults to `False`): sample the token instead of taking the argmax.
         generator (`torch.Generator`, *optional*): the sampling generator (seed it for reproducible sampling).
+        shard_contexts (`bool`, *optional*, defaults to `False`): the contexts are split across the processes of a
+            `torch.distributed` group (each process: row 0 plus its own contexts, in global order by rank); per
+            step only per-row entropies and one vocabulary row (entropy), or one reduced row (mean / max), cross
+            processes, and every process gets the same token.
 
     Example:
 
@@ -121,6 +186,7 @@ class NBCELogitsProcessor(LogitsProcessor):
         temperature: float = 1.0,
         do_sample: bool = False,
         generator: torch.Generator | None = None,
+        shard_contexts: bool = False,
     ) -> None:
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > -1 or not math.isfinite(beta):
             raise ValueError(f"`beta` must be a finite number > -1, got {beta!r}.")
@@ -134,8 +200,15 @@ class NBCELogitsProcessor(LogitsProcessor):
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
         self.beta, self.pooling, self.eta, self.top_p = float(beta), pooling, float(eta), float(top_p)
         self.temperature, self.do_sample, self.generator = float(temperature), bool(do_sample), generator
-        self.chosen_contexts: list[int | None] = []  # per generated token: the context row entropy pooling used
+        if shard_contexts:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("`shard_contexts=True` needs an initialised torch.distributed process group.")
+        self.shard_contexts = bool(shard_contexts)
+        self.chosen_contexts: list[int | None] = []  # per generated token: the context entropy pooling used
         self._length: int | None = None
+        self._offset: int | None = None  # sharded: global index of this process's first context, minus one
 
     def _pick(self, combined: Tensor) -> int:
         if not self.do_sample:
@@ -144,14 +217,23 @@ class NBCELogitsProcessor(LogitsProcessor):
         device = self.generator.device if self.generator is not None else probs.device
         return int(torch.multinomial(probs.to(device), 1, generator=self.generator))
 
+    def _shard_offset(self, n_local: int, device: torch.device) -> int:
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([n_local], dtype=torch.long, device=device))
+        return int(sum(int(c) for c in counts[: dist.get_rank()]))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[0] < 2:
+        if scores.shape[0] < (1 if self.shard_contexts else 2):
             raise ValueError(
                 "NBCE needs a batch of 1 + n_contexts rows (row 0: the question alone; rows 1..n: one context each), "
                 f"got {scores.shape[0]} row(s). Build it with `nbce_generate` or `nbce_batch`."
             )
         if self._length is None or input_ids.shape[1] <= self._length:  # a new generation
             self.chosen_contexts = []
+            if self.shard_contexts:
+                self._offset = self._shard_offset(scores.shape[0] - 1, scores.device)
             if torch.unique(input_ids, dim=0).shape[0] < input_ids.shape[0]:
                 raise ValueError(
                     "Two NBCE rows are identical: beam search (num_beams > 1) copies every row, which NBCE does not "
@@ -165,10 +247,17 @@ class NBCELogitsProcessor(LogitsProcessor):
         self._length = input_ids.shape[1]
         previous = self.chosen_contexts[-1] if self.chosen_contexts else None
         combined, chosen = nbce_combine(
-            scores, beta=self.beta, pooling=self.pooling, eta=self.eta, top_p=self.top_p, previous=previous
-        )
+            scores, beta=self.beta, pooling=self.pooling, eta=self.eta, top_p=self.top_p, previous=previous,
+            shard_offset=self._offset if self.shard_contexts else None,
+        )  # fmt: skip
         self.chosen_contexts.append(chosen)
         token = self._pick(combined)
+        if self.shard_contexts:  # every process appends the same token (sampling: rank 0's draw)
+            import torch.distributed as dist
+
+            picked = torch.tensor([token], dtype=torch.long, device=scores.device)
+            dist.broadcast(picked, src=0)
+            token = int(picked)
         forced = torch.full_like(scores, -torch.inf)
         forced[:, token] = 0.0
         return forced
@@ -183,13 +272,16 @@ def nbce_batch(
     prompt_template: str = "{context}\n\n{question}",
     question_template: str = "{question}",
     max_context_tokens: int | None = None,
+    allow_no_context: bool = False,
 ) -> dict[str, Tensor]:
     """The NBCE batch: row 0 the question alone, row k context k with the question; left-padded.
 
     With ``chat_template`` (and a tokenizer that has one), each row is one user message rendered with the
     tokenizer's chat template and the generation prompt; otherwise the plain templates are used as they are.
+    ``allow_no_context`` admits an empty ``contexts`` (row 0 only: a process whose share of sharded contexts is
+    empty).
     """
-    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or len(contexts) == 0:
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or (len(contexts) == 0 and not allow_no_context):
         raise ValueError("`contexts` must be a non-empty list of strings.")
     for index, context in enumerate(contexts):
         if not isinstance(context, str) or not context.strip():
