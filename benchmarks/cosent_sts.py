@@ -301,7 +301,9 @@ def table(data: dict) -> str:
     lines = ["| comparison (same run) | hf_ext | sentence-transformers | |", "|---|---|---|---|"]
 
     def cell(name: str) -> str:
-        return f"{s[name + '_spearman']:.4f} ± {s[name + '_std']:.4f}" if name + "_spearman" in s else "n/a"
+        if name + "_spearman" not in s:
+            return "n/a"
+        return f"{s[name + '_spearman']:.4f} ± {s[name + '_std']:.4f} ({s[name + '_seeds']} seeds)"
 
     lines.append(
         f"| bi-encoder, STS-B test Spearman | CoSENTLoss {cell('bi_hf_ext')} | CoSENTLoss {cell('bi_st_cosent')} | "
