@@ -50,7 +50,7 @@ def main(args: EvaluateSTSArguments) -> dict:
     start = time.perf_counter()
     # one call for both columns: one progress bar, full batches
     embeddings = model.encode(
-        data["sentence1"] + data["sentence2"],
+        list(data["sentence1"]) + list(data["sentence2"]),
         batch_size=args.batch_size,
         convert_to_numpy=True,
         normalize_embeddings=True,
