@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 BI_LOSSES = ["cosent", "st_cosent", "st_angle", "st_cosine", "cached_cosent"]
 CROSS_LOSSES = ["cosent", "st_bce", "st_mse"]
+# CrossEncoderCoSENTLoss at other scales (its default, 1, is the "cosent" run). Picked by dev Spearman, never test.
+CROSS_SCALES = {"cosent_scale5": 5.0, "cosent_scale20": 20.0}
 SPEED_BATCHES = [64, 1024, 16384]
 
 
@@ -65,11 +67,13 @@ def train_runs(data: dict, out: Path, model_type: str, losses: list[str], seeds:
             if key in runs:
                 continue
             tmp = tempfile.mkdtemp(prefix=f"cosent-{model_type}-")
+            loss_args = ["--loss", loss]
+            if loss in CROSS_SCALES:
+                loss_args = ["--loss", "cosent", "--scale", str(CROSS_SCALES[loss])]
             argv = [
                 "--model_type",
                 model_type,
-                "--loss",
-                loss,
+                *loss_args,
                 "--seed",
                 str(seed),
                 "--output_dir",
@@ -102,8 +106,8 @@ def train_runs(data: dict, out: Path, model_type: str, losses: list[str], seeds:
             _save(out, data)
 
 
-def _mean_std(runs: dict, loss: str) -> tuple[float, float, int] | None:
-    values = [r["test_spearman"] for k, r in runs.items() if k.split("/")[0] == loss]
+def _mean_std(runs: dict, loss: str, metric: str = "test_spearman") -> tuple[float, float, int] | None:
+    values = [r[metric] for k, r in runs.items() if k.split("/")[0] == loss]
     if not values:
         return None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
@@ -235,10 +239,27 @@ def summarize(data: dict) -> dict:
         stats = _mean_std(data.get("bi_runs", {}), loss)
         if stats:
             summary[f"{name}_spearman"], summary[f"{name}_std"], summary[f"{name}_seeds"] = stats
-    for loss, name in {"cosent": "ce_cosent", "st_bce": "ce_bce", "st_mse": "ce_mse"}.items():
+    cross_names = {"cosent": "ce_cosent", "st_bce": "ce_bce", "st_mse": "ce_mse"}
+    cross_names.update({loss: f"ce_{loss}" for loss in CROSS_SCALES})
+    for loss, name in cross_names.items():
         stats = _mean_std(data.get("cross_runs", {}), loss)
         if stats:
             summary[f"{name}_spearman"], summary[f"{name}_std"], summary[f"{name}_seeds"] = stats
+    # The scale sweep: seed-0 dev Spearman per scale, and the scale it picks (the default 1 unless another is better).
+    scales = {"cosent": 1.0, **CROSS_SCALES}
+    dev = {
+        scale: data["cross_runs"][f"{loss}/seed0"]["dev_spearman"]
+        for loss, scale in scales.items()
+        if f"{loss}/seed0" in data.get("cross_runs", {})
+    }
+    if len(dev) > 1:
+        summary["ce_cosent_scale_sweep_dev_seed0"] = {str(k): v for k, v in dev.items()}
+        best_scale = max(dev, key=dev.get)
+        best = next(loss for loss, scale in scales.items() if scale == best_scale)
+        summary["ce_cosent_best_scale"] = best_scale
+        if f"{cross_names[best]}_spearman" in summary:
+            summary["ce_cosent_best_spearman"] = summary[f"{cross_names[best]}_spearman"]
+            summary["ce_cosent_best_seeds"] = summary[f"{cross_names[best]}_seeds"]
     if "speed" in data:
         ratios = {b: r["ratio"] for b, r in data["speed"]["rows"].items()}
         summary["loss_time_ratio_max"] = max(ratios.values())
@@ -251,6 +272,8 @@ def summarize(data: dict) -> dict:
         )
     if "ce_cosent_spearman" in summary and "ce_bce_spearman" in summary:
         summary["ce_cosent_minus_bce"] = summary["ce_cosent_spearman"] - summary["ce_bce_spearman"]
+    if "ce_cosent_best_spearman" in summary and "ce_bce_spearman" in summary:
+        summary["ce_cosent_best_minus_bce"] = summary["ce_cosent_best_spearman"] - summary["ce_bce_spearman"]
     return summary
 
 
@@ -261,7 +284,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    for ax, kind, losses in ((axes[0], "bi", BI_LOSSES), (axes[1], "cross", CROSS_LOSSES)):
+    for ax, kind, losses in ((axes[0], "bi", BI_LOSSES), (axes[1], "cross", CROSS_LOSSES + list(CROSS_SCALES))):
         stats = [(loss, _mean_std(data.get(f"{kind}_runs", {}), loss)) for loss in losses]
         stats = [(loss, s) for loss, s in stats if s]
         if stats:
@@ -314,6 +337,9 @@ def table(data: dict) -> str:
         f"| cross-encoder, STS-B test Spearman | CrossEncoderCoSENTLoss {cell('ce_cosent')} | "
         f"BinaryCrossEntropyLoss {cell('ce_bce')} | MSELoss {cell('ce_mse')} |"
     )
+    for loss, scale in CROSS_SCALES.items():
+        if f"ce_{loss}_spearman" in s:
+            lines.append(f"| cross-encoder, scale {scale:g} | CrossEncoderCoSENTLoss {cell('ce_' + loss)} | | |")
     if "loss_time_ratio_by_batch" in s:
         ratios = ", ".join(f"B={b}: {r:.2f}" for b, r in s["loss_time_ratio_by_batch"].items())
         lines.append(f"| loss fwd+bwd time, hf_ext / sentence-transformers CoSENTLoss | {ratios} | 1.00 | |")
@@ -354,11 +380,17 @@ def main() -> None:
     main_runs = [("bi", "cosent"), ("bi", "st_cosent"), ("cross", "cosent"), ("cross", "st_bce")]
     other_runs = [("bi", "st_angle"), ("bi", "st_cosine"), ("cross", "st_mse")]
     cached = [("bi", "cached_cosent")]
+    sweep = [("cross", loss) for loss in CROSS_SCALES]
     first, *later = args.seeds
-    schedule = [(kind, loss, first) for kind, loss in main_runs + other_runs + cached]
+    schedule = [(kind, loss, first) for kind, loss in main_runs + sweep + other_runs + cached]
     schedule += [(kind, loss, seed) for seed in later for kind, loss in main_runs + other_runs]
+    # Later seeds of the scale the seed-0 dev sweep picks (if it is not the default, which is in main_runs).
+    schedule += [("cross", "<best scale>", seed) for seed in later]
     schedule += [(kind, loss, seed) for seed in later for kind, loss in cached]
     for kind, loss, seed in schedule:
+        if loss == "<best scale>":
+            best = summarize(data).get("ce_cosent_best_scale", 1.0)
+            loss = next((name for name, scale in CROSS_SCALES.items() if scale == best), "cosent")
         if kind in args.parts:
             train_runs(data, args.output, kind, [loss], [seed], args.train_args)
     _save(args.output, data)

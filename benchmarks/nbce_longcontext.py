@@ -1,0 +1,538 @@
+"""NBCE vs the oracle, truncation, full concatenation and other poolings: needle QA over many BBC articles.
+
+    python benchmarks/nbce_longcontext.py                          # everything, 100 cases (hours on 2 CPU cores)
+    python benchmarks/nbce_longcontext.py --ns 4 16 --cases 100    # the cheaper settings first (resumable)
+    python benchmarks/nbce_longcontext.py --parts icl speed        # many-shot classification, per-token time
+    python benchmarks/nbce_longcontext.py --table                  # the README table from the results file
+
+Parts (results go to benchmarks/results/nbce_longcontext.json after every case; finished cases are reused):
+
+- ``needle``: case i draws (seeded) one BBC article, inserts a fact ("<name>'s secret number is <4 digits>.") at a
+  random sentence boundary, and draws 47 other articles as distractors; every article is cut to
+  ``--context_tokens`` tokens, so 48 contexts (48 x 192 tokens) go past SmolLM2's 8,192-token window. The
+  settings n = 4 / 16 / 48 use the fact's article plus the first n - 1 distractors (nested), the fact's article at a
+  seeded position. Methods: ``oracle`` (plain greedy `generate` on the fact's article alone), NBCE with
+  ``entropy`` / ``mean`` / ``max`` pooling (beta 0.25, greedy), and ``truncation``: the n articles concatenated
+  and cut to what fits the window (at n = 4 and 16 nothing is cut: that is full concatenation). An answer is
+  right when it contains the number. The three poolings share one prefill of the NBCE batch (its KV cache is
+  copied), and each is charged the full prefill time in its tokens/s.
+- ``icl``: many-shot in-context classification of BBC titles (the NBCE paper's setting): ``--icl_windows``
+  windows of demonstrations (``--icl_window`` tokens each) pooled by NBCE vs one window vs no demonstration;
+  label log-probabilities of the five topic words; the windows' KV caches are computed once.
+- ``speed``: per generated token, `generate` with the NBCE processor vs the same batched `generate` without it
+  (the processor's overhead), n = 4 / 16 / 48.
+
+Peak memory is the growth of the peak resident set over the setting (CPU) or `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
+from hf_ext.generation.nbce_hub.custom_generate.generate import NBCELogitsProcessor, nbce_batch, nbce_combine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+POOLINGS = ("entropy", "mean", "max")
+NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dalia",
+    "Emeka",
+    "Farah",
+    "Goran",
+    "Hana",
+    "Ivan",
+    "Jonas",
+    "Kemal",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wiktor",
+    "Yuki",
+]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _save(path: Path, data: dict) -> None:
+    data["summary"] = summarize(data)
+    ordered = {"summary": data.pop("summary"), **data}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ordered, indent=2))
+    data.update(ordered)
+
+
+class PeakMemory:
+    """Peak memory growth over a block: CUDA allocator peak, or the CPU resident set's high-water mark (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+            self._base = self._status("VmRSS:")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.bytes = self._status("VmHWM:") - self._base
+
+
+def _cut(tokenizer, text: str, tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
+
+
+def make_case(index: int, articles: list[str], tokenizer, context_tokens: int, max_n: int) -> dict:
+    """Case ``index``: the fact's article (with the fact inserted), ``max_n - 1`` distractors, the fact's position."""
+    rng = random.Random(1000 + index)
+    picked = rng.sample(range(len(articles)), max_n)
+    name, number = rng.choice(NAMES), str(rng.randint(1000, 9999))
+    fact = f"{name}'s secret number is {number}."
+    target = _cut(tokenizer, articles[picked[0]], context_tokens - len(tokenizer(fact)["input_ids"]) - 1)
+    boundaries = [0] + [m.end() for m in re.finditer(r"[.!?]\s+", target)]
+    at = rng.choice(boundaries)
+    target = f"{target[:at]}{fact} {target[at:]}"
+    distractors = [_cut(tokenizer, articles[i], context_tokens) for i in picked[1:]]
+    return {
+        "target": target,
+        "distractors": distractors,
+        "question": f"What is {name}'s secret number?",
+        "answer": number,
+        "positions": {str(n): rng.randrange(n) for n in (4, 16, 48) if n <= max_n},
+    }
+
+
+def contexts_for(case: dict, n: int) -> list[str]:
+    contexts = case["distractors"][: n - 1]
+    contexts.insert(case["positions"][str(n)], case["target"])
+    return contexts
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+
+def _plain_generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, float]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True), time.perf_counter() - start
+
+
+def truncated_prompt(tokenizer, contexts: list[str], question: str, budget: int) -> tuple[list[int], bool]:
+    """The chat prompt of the concatenated contexts, cut (from the end) to ``budget`` tokens in all."""
+    joined = "\n\n".join(contexts)
+    ids = _chat_ids(tokenizer, f"{joined}\n\n{question}")
+    if len(ids) <= budget:
+        return ids, True
+    context_ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    keep = len(context_ids) - (len(ids) - budget)
+    while True:
+        ids = _chat_ids(tokenizer, f"{tokenizer.decode(context_ids[:keep])}\n\n{question}")
+        if len(ids) <= budget:
+            return ids, False
+        keep -= len(ids) - budget
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_new_tokens: int) -> dict:
+    """NBCE answers for every pooling from one shared prefill (its KV cache copied per pooling)."""
+    batch = {k: v.to(model.device) for k, v in nbce_batch(tokenizer, contexts, question).items()}
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(
+            input_ids=batch["input_ids"][:, :-1],
+            attention_mask=batch["attention_mask"][:, :-1],
+            position_ids=_positions(batch["attention_mask"][:, :-1]),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    prefill = time.perf_counter() - start
+    results = {"prompt_tokens": int(batch["attention_mask"].sum()), "rows": int(batch["input_ids"].shape[0])}
+    for pooling in POOLINGS:
+        processor = NBCELogitsProcessor(beta=0.25, pooling=pooling)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                past_key_values=copy.deepcopy(cache),
+                logits_processor=[processor],
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        new = out[0, batch["input_ids"].shape[1] :]
+        results[pooling] = {
+            "answer": tokenizer.decode(new, skip_special_tokens=True),
+            "seconds": prefill + time.perf_counter() - start,
+            "new_tokens": int(new.numel()),
+        }
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def needle(data: dict, out: Path, model, tokenizer, args) -> None:
+    articles = [f"{row['title']}\n{row['text']}" for row in load_bbc_news()]
+    window = model.config.max_position_embeddings
+    budget = window - args.max_new_tokens
+    cases = data.setdefault("needle_cases", {})
+    data["needle_config"] = {
+        "context_tokens": args.context_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "window": window,
+        "beta": 0.25,
+        "dtype": args.dtype,
+        "device": str(model.device),
+    }
+    for index in range(args.cases):
+        record = cases.setdefault(str(index), {})
+        todo = [n for n in args.ns if f"n{n}" not in record] + (["oracle"] if "oracle" not in record else [])
+        if not todo:
+            continue
+        case = make_case(index, articles, tokenizer, args.context_tokens, max(48, *args.ns))
+        device = model.device
+        if "oracle" not in record:
+            with PeakMemory(device) as memory:
+                ids = _chat_ids(tokenizer, f"{case['target']}\n\n{case['question']}")
+                answer, seconds = _plain_generate(model, tokenizer, ids, args.max_new_tokens)
+            record["oracle"] = {
+                "answer": answer,
+                "correct": case["answer"] in answer,
+                "seconds": seconds,
+                "peak_bytes": memory.bytes,
+            }
+        for n in args.ns:
+            if f"n{n}" in record:
+                continue
+            contexts = contexts_for(case, n)
+            with PeakMemory(device) as memory:
+                result = nbce_all_poolings(model, tokenizer, contexts, case["question"], args.max_new_tokens)
+            for pooling in POOLINGS:
+                result[pooling]["correct"] = case["answer"] in result[pooling]["answer"]
+            result["nbce_peak_bytes"] = memory.bytes
+            with PeakMemory(device) as memory:
+                ids, fits = truncated_prompt(tokenizer, contexts, case["question"], budget)
+                answer, seconds = _plain_generate(model, tokenizer, ids, args.max_new_tokens)
+            result["truncation"] = {
+                "answer": answer,
+                "correct": case["answer"] in answer,
+                "seconds": seconds,
+                "prompt_tokens": len(ids),
+                "fits": fits,
+                "peak_bytes": memory.bytes,
+            }
+            record[f"n{n}"] = result
+        line = {
+            k: (v["correct"] if k == "oracle" else {m: v[m]["correct"] for m in (*POOLINGS, "truncation")})
+            for k, v in record.items()
+        }
+        print(f"[needle] case {index}: {line}", flush=True)
+        _save(out, data)
+
+
+def _label_scores(model, cache: DynamicCache | None, ids: list[int], label_ids: list[int]) -> torch.Tensor:
+    """Next-token logits after ``ids`` (continuing ``cache``, which is left untouched)."""
+    past = copy.deepcopy(cache) if cache is not None else DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(
+            input_ids=torch.tensor([ids], device=model.device), past_key_values=past, use_cache=True, logits_to_keep=1
+        ).logits[0, -1]
+    return logits.float()
+
+
+def icl(data: dict, out: Path, model, tokenizer, args) -> None:
+    split = bbc_news_train_test_split()
+    train, test = split["train"], split["test"]
+    labels = ["business", "entertainment", "politics", "sport", "tech"]  # the words the model is asked for
+    label_ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in labels]
+    if len(set(label_ids)) != len(labels):
+        raise RuntimeError("The five topic words do not start with distinct tokens for this tokenizer.")
+    header = "Classify each news headline by topic: business, entertainment, politics, sport or tech.\n\n"
+    rng = random.Random(0)
+    order = rng.sample(range(len(train)), len(train))
+    windows, cursor = [], 0
+    for _ in range(args.icl_windows):
+        text = header
+        while cursor < len(order):
+            row = train[order[cursor]]
+            demo = f"Headline: {row['title']}\nTopic: {labels[row['label']]}\n\n"
+            if len(tokenizer(text + demo)["input_ids"]) > args.icl_window:
+                break
+            text, cursor = text + demo, cursor + 1
+        windows.append(text)
+    caches = []
+    for text in windows:
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(
+                input_ids=torch.tensor([tokenizer(text)["input_ids"]], device=model.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        caches.append(cache)
+    picks = random.Random(1).sample(range(len(test)), min(args.icl_cases, len(test)))
+    correct = {"zero_shot": 0, "one_window": 0, **{f"nbce_{p}": 0 for p in POOLINGS}}
+    start = time.perf_counter()
+    for i in picks:
+        row = test[i]
+        query = f"Headline: {row['title']}\nTopic:"
+        query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+        prior = _label_scores(model, None, tokenizer(header + query)["input_ids"], label_ids)
+        per_window = [_label_scores(model, cache, query_ids, label_ids) for cache in caches]
+        logits = torch.stack([prior, *per_window])  # (1 + windows, vocab)
+        guesses = {"zero_shot": int(prior[label_ids].argmax()), "one_window": int(per_window[0][label_ids].argmax())}
+        for pooling in POOLINGS:
+            combined, _ = nbce_combine(logits, beta=0.25, pooling=pooling, top_p=1.0)
+            guesses[f"nbce_{pooling}"] = int(combined[label_ids].argmax())
+        for key, guess in guesses.items():
+            correct[key] += int(guess == row["label"])
+    demos_per_window = [text.count("Headline:") for text in windows]
+    data["icl"] = {
+        "cases": len(picks),
+        "windows": len(windows),
+        "window_tokens": args.icl_window,
+        "demonstrations": sum(demos_per_window),
+        "demonstrations_one_window": demos_per_window[0],
+        "accuracy": {key: value / len(picks) for key, value in correct.items()},
+        "seconds": time.perf_counter() - start,
+    }
+    print(f"[icl] {data['icl']}", flush=True)
+    _save(out, data)
+
+
+def speed(data: dict, out: Path, model, tokenizer, args) -> None:
+    """Decode time per token from the same prefilled cache: batched `generate` with and without the processor."""
+    articles = [f"{row['title']}\n{row['text']}" for row in load_bbc_news()]
+    case = make_case(0, articles, tokenizer, args.context_tokens, 48)
+    rows = {}
+    for n in (4, 16, 48):
+        batch = nbce_batch(tokenizer, contexts_for(case, n), case["question"])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(
+                input_ids=batch["input_ids"][:, :-1],
+                attention_mask=batch["attention_mask"][:, :-1],
+                position_ids=_positions(batch["attention_mask"][:, :-1]),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        times: dict[str, list[float]] = {"plain": [], "nbce": []}
+        for repeat in range(args.speed_repetitions):
+            for name in ("plain", "nbce") if repeat % 2 == 0 else ("nbce", "plain"):
+                processors = [NBCELogitsProcessor(beta=0.25)] if name == "nbce" else []
+                past = copy.deepcopy(cache)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model.generate(
+                        **batch,
+                        past_key_values=past,
+                        max_new_tokens=args.speed_tokens,
+                        min_new_tokens=args.speed_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.eos_token_id,
+                        logits_processor=processors,
+                    )
+                times[name].append((time.perf_counter() - start) / args.speed_tokens)
+        plain, nbce = statistics.median(times["plain"]), statistics.median(times["nbce"])
+        rows[str(n)] = {
+            "rows": n + 1,
+            "plain_seconds_per_token": plain,
+            "nbce_seconds_per_token": nbce,
+            "ratio": nbce / plain,
+        }
+        print(f"[speed] n={n}: {rows[str(n)]}", flush=True)
+    data["speed"] = {"device": str(model.device), "new_tokens": args.speed_tokens, "rows": rows}
+    _save(out, data)
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def summarize(data: dict) -> dict:
+    summary: dict = {}
+    cases = data.get("needle_cases", {})
+    oracle = [r["oracle"] for r in cases.values() if "oracle" in r]
+    for n in (4, 16, 48):
+        done = [r[f"n{n}"] for r in cases.values() if f"n{n}" in r]
+        if not done:
+            continue
+        summary[f"n{n}_cases"] = len(done)
+        summary[f"n{n}_oracle_acc"] = statistics.mean(
+            r["oracle"]["correct"] for r in cases.values() if f"n{n}" in r and "oracle" in r
+        )
+        for method, key in (
+            ("entropy", "nbce"),
+            ("mean", "mean_pool"),
+            ("max", "max_pool"),
+            ("truncation", "truncation"),
+        ):
+            summary[f"n{n}_{key}_acc"] = statistics.mean(r[method]["correct"] for r in done)
+            seconds = sum(r[method]["seconds"] for r in done)
+            tokens = sum(r[method].get("new_tokens", 0) for r in done) if method in POOLINGS else None
+            if tokens:
+                summary[f"n{n}_{key}_new_tokens_per_s"] = tokens / seconds
+            summary[f"n{n}_{key}_seconds_per_case"] = seconds / len(done)
+        summary[f"n{n}_nbce_peak_mib"] = max(r["nbce_peak_bytes"] for r in done) / 2**20
+        summary[f"n{n}_truncation_peak_mib"] = max(r["truncation"]["peak_bytes"] for r in done) / 2**20
+        summary[f"n{n}_truncation_cut_share"] = statistics.mean(not r["truncation"]["fits"] for r in done)
+        summary[f"n{n}_prompt_tokens_mean"] = statistics.mean(r["prompt_tokens"] for r in done)
+    if oracle:
+        summary["oracle_acc_all_cases"] = statistics.mean(r["correct"] for r in oracle)
+    summary["n_cases"] = min((summary[f"n{n}_cases"] for n in (4, 16, 48) if f"n{n}_cases" in summary), default=0)
+    if "n48_nbce_acc" in summary:
+        summary["n48_nbce_over_oracle"] = summary["n48_nbce_acc"] / max(summary["n48_oracle_acc"], 1e-9)
+    if "icl" in data:
+        summary["icl_accuracy"] = data["icl"]["accuracy"]
+    if "speed" in data:
+        summary["per_token_time_ratio_nbce_over_plain"] = {n: r["ratio"] for n, r in data["speed"]["rows"].items()}
+    return summary
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = data["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ns = [n for n in (4, 16, 48) if f"n{n}_cases" in s]
+    for key, label in (
+        ("oracle", "oracle (fact's article only)"),
+        ("nbce", "NBCE entropy"),
+        ("mean_pool", "mean pooling"),
+        ("max_pool", "max pooling"),
+        ("truncation", "truncation / full concat"),
+    ):
+        axes[0].plot(ns, [s[f"n{n}_{key}_acc"] for n in ns], "o-", label=label)
+    axes[0].set_xscale("log")
+    axes[0].set_xticks(ns, [f"{n}\n({s[f'n{n}_cases']} cases)" for n in ns])
+    axes[0].set_xlabel("contexts n")
+    axes[0].set_ylabel("needle accuracy")
+    axes[0].legend()
+    axes[0].set_title("needle QA over BBC articles (SmolLM2-135M, 8k window)")
+    if "icl" in data:
+        acc = data["icl"]["accuracy"]
+        axes[1].bar(list(acc), list(acc.values()))
+        axes[1].tick_params(axis="x", rotation=20)
+        axes[1].set_title(
+            f"many-shot BBC topic ICL: {data['icl']['demonstrations']} demos in "
+            f"{data['icl']['windows']} windows vs {data['icl']['demonstrations_one_window']} in one"
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(data: dict) -> str:
+    s = data["summary"]
+    lines = [
+        "| contexts n (cases) | oracle | NBCE entropy | mean pooling | max pooling | truncation / full concat |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in (4, 16, 48):
+        if f"n{n}_cases" in s:
+            cells = " | ".join(
+                f"{s[f'n{n}_{k}_acc']:.2f}" for k in ("oracle", "nbce", "mean_pool", "max_pool", "truncation")
+            )
+            lines.append(f"| {n} ({s[f'n{n}_cases']}) | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["needle", "icl", "speed"], choices=["needle", "icl", "speed"])
+    parser.add_argument("--model", default=None, help="causal LM id or folder (default: the embedded SmolLM2)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--ns", nargs="+", type=int, default=[4, 16, 48], choices=[4, 16, 48])
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--context_tokens", type=int, default=192)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--icl_window", type=int, default=512)
+    parser.add_argument("--icl_windows", type=int, default=8)
+    parser.add_argument("--icl_cases", type=int, default=200)
+    parser.add_argument("--speed_tokens", type=int, default=16)
+    parser.add_argument("--speed_repetitions", type=int, default=4)
+    parser.add_argument("--output", type=Path, default=RESULTS / "nbce_longcontext.json")
+    parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
+    args = parser.parse_args()
+    data = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    if args.table:
+        print(table(data))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = args.model or str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
+    if "needle" in args.parts:
+        needle(data, args.output, model, tokenizer, args)
+    if "icl" in args.parts:
+        icl(data, args.output, model, tokenizer, args)
+    if "speed" in args.parts:
+        speed(data, args.output, model, tokenizer, args)
+    _save(args.output, data)
+    plot(data, args.output.with_suffix(".png"))
+    print(json.dumps(data["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
