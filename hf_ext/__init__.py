@@ -25,6 +25,7 @@ from .assets import (
 )
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
 from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, tvd_loss
+from .optim import ProjectedAdamW, create_projected_optimizer
 from .trainers import TVDConfig, TVDTrainer, tvd_compute_loss_func
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "CachedCoSENTLoss",
     "CoSENTLoss",
     "CrossEncoderCoSENTLoss",
+    "ProjectedAdamW",
     "TVDConfig",
     "TVDTrainer",
     "__version__",
@@ -44,6 +46,7 @@ __all__ = [
     "bbc_news_train_test_split",
     "cache_dir",
     "cosent_loss",
+    "create_projected_optimizer",
     "get_rank",
     "get_world_size",
     "is_distributed",

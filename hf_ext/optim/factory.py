@@ -1,0 +1,140 @@
+"""create_projected_optimizer: ProjectedAdamW parameter groups from a model, shaped like peft's factories."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .projected_adamw import ProjectedAdamW
+
+ALL_LINEAR = "all-linear"
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layers
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def projected_parameter_names(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR) -> list[str]:
+    """Names of the trainable 2-D weights the projection applies to.
+
+    ``"all-linear"``: the weight of every linear layer except the output layer (and any weight shared with an
+    embedding, as tied LM heads are); a string: a regular expression that must match the whole module name; a list:
+    module names or name suffixes (``["q_proj", "v_proj"]``), as in peft. Embeddings and norms are never projected.
+    """
+    if not isinstance(target_modules, str) and (
+        not isinstance(target_modules, Sequence) or not all(isinstance(t, str) for t in target_modules)
+    ):
+        raise ValueError(
+            f"`target_modules` must be 'all-linear', a regular expression or a list of module names, got "
+            f"{target_modules!r}."
+        )
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names = []
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or not weight.requires_grad:
+            continue
+        if isinstance(module, nn.Embedding) or id(weight) in embedding_ids:
+            continue
+        if target_modules == ALL_LINEAR:
+            chosen = isinstance(module, _linear_types()) and module is not output
+        else:
+            chosen = _matches(module_name, target_modules)
+        if chosen:
+            names.append(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+def create_projected_optimizer(
+    model: nn.Module,
+    *,
+    target_modules: str | Sequence[str] = ALL_LINEAR,
+    rank: int,
+    lr: float,
+    weight_decay: float = 1e-2,
+    **kwargs: Any,
+) -> ProjectedAdamW:
+    """A `ProjectedAdamW` whose target weights are projected at ``rank``; everything else gets exact AdamW.
+
+    Three groups: the target weights (``rank``, ``weight_decay``); other weights (``weight_decay``); biases, norms
+    and other 1-D parameters (no weight decay, as `Trainer` does).
+
+    Args:
+        model (`torch.nn.Module`): the model to train (its trainable parameters).
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`): which weights to project
+            (see `projected_parameter_names`).
+        rank (`int`): projection rank (>= 1). A weight whose shorter side is below it gets full AdamW.
+        lr (`float`): learning rate.
+        weight_decay (`float`, *optional*, defaults to `1e-2`): decoupled weight decay of the weights.
+        kwargs: the other `ProjectedAdamW` arguments (``betas``, ``eps``, ``projection``, ``update_interval``,
+            ``scale``, ``seed``).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, Trainer
+    >>> from hf_ext import smollm2_path
+    >>> from hf_ext.optim import create_projected_optimizer
+    >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    >>> optimizer = create_projected_optimizer(model, rank=64, lr=1e-4, update_interval=200)
+    >>> # Trainer(model=model, args=..., train_dataset=..., optimizers=(optimizer, None))
+    ```
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"`rank` must be an int >= 1, got {rank!r}.")
+    projected = set(projected_parameter_names(model, target_modules))
+    if not projected:
+        raise ValueError(f"`target_modules` {target_modules!r} matches no trainable 2-D weight of the model.")
+    groups: dict[str, list] = {"projected": [], "decay": [], "no_decay": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in projected:
+            groups["projected"].append(param)
+        elif param.dim() >= 2:
+            groups["decay"].append(param)
+        else:
+            groups["no_decay"].append(param)
+    param_groups = [{"params": groups["projected"], "rank": rank, "weight_decay": weight_decay}]
+    if groups["decay"]:
+        param_groups.append({"params": groups["decay"], "weight_decay": weight_decay})
+    if groups["no_decay"]:
+        param_groups.append({"params": groups["no_decay"], "weight_decay": 0.0})
+    return ProjectedAdamW(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held by an optimizer's state tensors (moments, counters, stored bases), summed over parameters.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_ext.optim import optimizer_state_bytes
+    >>> layer = torch.nn.Linear(4, 4)
+    >>> opt = torch.optim.AdamW(layer.parameters())
+    >>> layer(torch.randn(2, 4)).sum().backward(); opt.step()
+    >>> optimizer_state_bytes(opt)  # two moments of 20 floats, two scalar steps
+    168
+    ```
+    """
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if hasattr(value, "element_size")
+    )

@@ -1,0 +1,97 @@
+"""Low-rank projections of a weight's gradient: where `ProjectedAdamW` keeps its moments.
+
+A 2-D gradient ``G`` of shape ``(rows, cols)`` is projected on its shorter side with an orthonormal basis
+``P`` of shape ``(side, rank)``: ``R = Pᵀ G`` (``rows <= cols``, "left") or ``R = G P`` ("right"), and an update
+``N`` computed in that space is mapped back with ``P N`` or ``N Pᵀ``. Two bases:
+
+- random: Gaussian, orthonormalised by QR, regenerated from ``(seed, parameter index, period)`` at each use, so
+  nothing is stored and every process draws the same basis without communication (the Flora idea);
+- svd: the top ``rank`` singular vectors of the current gradient (GaLore's choice), stored by the optimizer.
+
+Example:
+
+```python
+>>> import torch
+>>> from hf_ext.optim.projection import project, project_back, random_basis, projection_side
+>>> grad = torch.randn(64, 256)
+>>> side = projection_side(grad.shape)  # "left": 64 <= 256
+>>> basis = random_basis(64, 8, seed=0, index=3, period=0, device=grad.device)
+>>> reduced = project(grad, basis, side)  # (8, 256)
+>>> project_back(reduced, basis, side).shape
+torch.Size([64, 256])
+```
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SIDES = ("left", "right")
+# Large odd multipliers that spread (seed, index, period) over the 63-bit seed space without collisions in practice.
+_INDEX_STRIDE = 1_000_003
+_PERIOD_STRIDE = 7_919
+
+
+def projection_side(shape: torch.Size | tuple[int, ...]) -> str:
+    """``"left"`` when the rows are the shorter side (project ``Pᵀ G``), else ``"right"`` (project ``G P``)."""
+    rows, cols = shape
+    return "left" if rows <= cols else "right"
+
+
+def side_length(shape: torch.Size | tuple[int, ...], side: str) -> int:
+    return shape[0] if side == "left" else shape[1]
+
+
+def _seed_of(seed: int, index: int, period: int) -> int:
+    return (seed * _INDEX_STRIDE * _PERIOD_STRIDE + index * _PERIOD_STRIDE + period) % (2**63 - 1)
+
+
+def random_basis(side: int, rank: int, *, seed: int, index: int, period: int, device: torch.device | str) -> Tensor:
+    """An orthonormal ``(side, rank)`` basis drawn from ``(seed, index, period)``: the same on every call and process.
+
+    Drawn in float32 with a generator on ``device`` (CPU and CUDA streams differ, so processes that must agree
+    need the same device type, as DDP ranks have).
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_seed_of(seed, index, period))
+    gaussian = torch.randn(side, rank, generator=generator, device=device, dtype=torch.float32)
+    basis, _ = torch.linalg.qr(gaussian)  # (side, rank), orthonormal columns
+    return basis
+
+
+def svd_basis(grad: Tensor, rank: int, side: str) -> Tensor:
+    """The top ``rank`` singular vectors of ``grad`` on ``side``: ``(side_length, rank)``, float32."""
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    return (u[:, :rank] if side == "left" else vh[:rank].T).contiguous()
+
+
+def project(grad: Tensor, basis: Tensor, side: str) -> Tensor:
+    """``Pᵀ G`` (left, ``(rank, cols)``) or ``G P`` (right, ``(rows, rank)``)."""
+    return basis.T @ grad if side == "left" else grad @ basis
+
+
+def project_back(reduced: Tensor, basis: Tensor, side: str) -> Tensor:
+    """``P N`` (left) or ``N Pᵀ`` (right): the full-size ``(rows, cols)`` update."""
+    return basis @ reduced if side == "left" else reduced @ basis.T
+
+
+def change_basis(reduced: Tensor, old: Tensor, new: Tensor, side: str) -> Tensor:
+    """Carry a projected tensor into a new subspace: ``P_newᵀ P_old M`` (left) or ``M P_oldᵀ P_new`` (right)."""
+    return (new.T @ old) @ reduced if side == "left" else reduced @ (old.T @ new)
+
+
+def change_basis_second_moment(second: Tensor, old: Tensor, new: Tensor, side: str) -> Tensor:
+    """Carry an elementwise second moment into a new subspace (its diagonal, treating coordinates as uncorrelated).
+
+    New coordinate ``i`` is ``sum_j T_ij x_j`` plus a part outside the old subspace, with ``T = P_newᵀ P_old``:
+    its second moment is ``sum_j T_ij² v_j`` plus ``(1 - sum_j T_ij²)`` times the mean of ``v`` over the old
+    coordinates (the part the old subspace never saw gets the average, an isotropic prior). Unchanged when
+    ``new == old``; never near zero where the carried first moment is not, so ``m / sqrt(v)`` stays bounded.
+    """
+    transition = new.T @ old  # (rank, rank)
+    weights = transition.square()
+    unseen = (1.0 - weights.sum(dim=1)).clamp(min=0.0)  # rounding can push a norm of 1 slightly above 1
+    if side == "left":  # second: (rank, cols)
+        return weights @ second + unseen[:, None] * second.mean(dim=0, keepdim=True)
+    return second @ weights.T + unseen[None, :] * second.mean(dim=1, keepdim=True)  # second: (rows, rank)
