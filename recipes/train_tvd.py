@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from hf_ext import BBC_NEWS_LABELS, bbc_news_train_test_split, minilm_path, smollm2_path
+from hf_ext.data import bbc_classification_data, bbc_lm_data
 from hf_ext.metrics import confidence_calibration, load_ece
 from hf_ext.trainers import TVDConfig, TVDTrainer
 
@@ -84,39 +85,20 @@ def flip_labels(labels: list[int], rate: float, num_classes: int, seed: int) -> 
     return np.where(flip, (labels_array + offsets) % num_classes, labels_array).tolist()
 
 
-def _limit(data: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return data if limit is None else data.select(range(min(limit, len(data))))
-
-
 def classification_data(args: TVDRecipeArguments, tokenizer, seed: int):
-    splits = bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)
-    train, test = _limit(splits["train"], args.max_train_samples), _limit(splits["test"], args.max_eval_samples)
+    noisy = None
     if args.label_noise:
-        noisy = flip_labels(train["label"], args.label_noise, len(BBC_NEWS_LABELS), seed)
-        train = train.remove_columns("label").add_column("label", noisy)
-
-    def tokenize(batch: dict) -> dict:
-        texts = [f"{title}\n{text}" for title, text in zip(batch["title"], batch["text"], strict=True)]
-        return tokenizer(texts, truncation=True, max_length=args.max_length)
-
-    columns = ["id", "title", "text"]
-    return train.map(tokenize, batched=True, remove_columns=columns), test.map(
-        tokenize, batched=True, remove_columns=columns
-    )
-
-
-def lm_blocks(texts: list[str], tokenizer, block_size: int) -> datasets.Dataset:
-    """Concatenate the articles (each ended by EOS) and cut them into blocks of ``block_size`` tokens."""
-    ids = [token for text in texts for token in [*tokenizer(text)["input_ids"], tokenizer.eos_token_id]]
-    blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
-    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]})
+        labels = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])
+        labels = labels[: args.max_train_samples] if args.max_train_samples else labels
+        noisy = flip_labels(labels, args.label_noise, len(BBC_NEWS_LABELS), seed)
+    return bbc_classification_data(tokenizer, args.max_length, split_seed=args.split_seed,
+                                   max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+                                   train_labels=noisy)  # fmt: skip
 
 
 def causal_lm_data(args: TVDRecipeArguments, tokenizer):
-    splits = bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)
-    train = _limit(lm_blocks(splits["train"]["text"], tokenizer, args.block_size), args.max_train_samples)
-    test = _limit(lm_blocks(splits["test"]["text"], tokenizer, args.block_size), args.max_eval_samples)
-    return train, test
+    return bbc_lm_data(tokenizer, args.block_size, split_seed=args.split_seed, max_train_blocks=args.max_train_samples,
+                       max_eval_blocks=args.max_eval_samples)  # fmt: skip
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -244,3 +245,76 @@ def test_nbce_recipe_rejects_bad_arguments(tmp_path: Path) -> None:
         nbce_generate.NBCERecipeArguments(contexts="docs/")
     with pytest.raises(ValueError, match=r"`contexts` must be a folder of \.txt files or a \.jsonl file"):
         nbce_generate.read_contexts(str(tmp_path / "missing.csv"))
+
+
+# ------------------------------------------------------------------------------------------- train_projected
+
+TRAIN_PROJECTED = Path(__file__).resolve().parents[1] / "recipes" / "train_projected.py"
+
+
+def _launch_train_projected(model_dir: str, output_dir: Path, *extra: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    import hf_ext
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
+        str(TRAIN_PROJECTED), "--model_name_or_path", model_dir, "--max_train_samples", "32",
+        "--max_eval_samples", "16", "--max_steps", "4", "--per_device_train_batch_size", "8",
+        "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def test_train_projected_causal_lm_under_accelerate_writes_a_loadable_model_and_card(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    results = _launch_train_projected(str(tiny_llama_dir), tmp_path / "lm", "--task", "causal_lm", "--rank", "4",
+                                      "--block_size", "32", "--update_interval", "2")  # fmt: skip
+    assert results["projected_weights"] == 14 and results["test"]["perplexity"] > 1
+    assert results["optimizer_state_bytes"] < results["adamw_state_bytes_estimate"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").num_parameters() > 0
+    card = (tmp_path / "lm" / "README.md").read_text()
+    assert "ProjectedAdamW" in card and "rank-4" in card and f"{results['test']['eval_loss']:.4f}" in card
+
+
+def test_train_projected_classification_writes_a_loadable_model(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    results = _launch_train_projected(str(tiny_bert_dir), tmp_path / "cls", "--task", "classification", "--rank", "4",
+                                      "--projection", "svd")  # fmt: skip
+    assert 0 <= results["test"]["accuracy"] <= 1 and results["projected_weights"] > 0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").config.id2label[4] == "tech"
+
+
+@pytest.mark.slow
+def test_train_projected_trains_the_real_smollm2_with_a_third_of_adamws_state(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TRAIN_PROJECTED.parent))
+    import train_projected
+
+    argv = ["--task", "causal_lm", "--rank", "64", "--max_steps", "3", "--per_device_train_batch_size", "4",
+            "--block_size", "64", "--max_eval_samples", "16", "--learning_rate", "1e-4", "--update_interval", "3",
+            "--output_dir", str(tmp_path / "real"), "--use_cpu", "true", "--eval_on_start", "false"]  # fmt: skip
+    results = train_projected.main(*train_projected.parse_args(argv))
+    ratio = results["optimizer_state_bytes"] / results["adamw_state_bytes_estimate"]
+    assert results["projected_weights"] == 30 * 7 and ratio < 0.35
+    assert math.isfinite(results["test"]["eval_loss"]) and results["test"]["perplexity"] < 100
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [(["--task", "seq2seq"], "`task`"), (["--optimizer", "sgd"], "`optimizer`"), (["--rank", "0"], "`rank`")],
+)
+def test_train_projected_rejects_bad_arguments(argv: list[str], match: str) -> None:
+    sys.path.insert(0, str(TRAIN_PROJECTED.parent))
+    import train_projected
+
+    with pytest.raises(ValueError, match=match):
+        train_projected.parse_args(argv)

@@ -27,13 +27,7 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
-def projected_parameter_names(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR) -> list[str]:
-    """Names of the trainable 2-D weights the projection applies to.
-
-    ``"all-linear"``: the weight of every linear layer except the output layer (and any weight shared with an
-    embedding, as tied LM heads are); a string: a regular expression that must match the whole module name; a list:
-    module names or name suffixes (``["q_proj", "v_proj"]``), as in peft. Embeddings and norms are never projected.
-    """
+def _projected_parameters(model: nn.Module, target_modules: str | Sequence[str]) -> list[tuple[str, nn.Parameter]]:
     if not isinstance(target_modules, str) and (
         not isinstance(target_modules, Sequence) or not all(isinstance(t, str) for t in target_modules)
     ):
@@ -43,20 +37,29 @@ def projected_parameter_names(model: nn.Module, target_modules: str | Sequence[s
         )
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    names = []
-    for module_name, module in model.named_modules():
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or not weight.requires_grad:
             continue
-        if isinstance(module, nn.Embedding) or id(weight) in embedding_ids:
-            continue
         if target_modules == ALL_LINEAR:
-            chosen = isinstance(module, _linear_types()) and module is not output
+            selected = isinstance(module, _linear_types()) and module is not output and id(weight) not in embedding_ids
         else:
-            chosen = _matches(module_name, target_modules)
-        if chosen:
-            names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+            selected = _matches(module_name, target_modules)
+        if selected and id(weight) not in chosen:
+            chosen[id(weight)] = (f"{module_name}.weight" if module_name else "weight", weight)
+    return list(chosen.values())
+
+
+def projected_parameter_names(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR) -> list[str]:
+    """Names of the trainable 2-D weights the projection applies to.
+
+    ``"all-linear"``: the weight of every linear layer except the output layer and any weight shared with an
+    embedding (peft's convention); a string: a regular expression that must match the whole module name; a list:
+    module names or name suffixes (``["q_proj", "v_proj"]``), as in peft. Explicit targets may name any 2-D weight,
+    the output layer or an embedding included (``r"lm_head|.*_proj"`` also projects a tied LM head / embedding).
+    """
+    return [name for name, _ in _projected_parameters(model, target_modules)]
 
 
 def create_projected_optimizer(
@@ -96,14 +99,14 @@ def create_projected_optimizer(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"`rank` must be an int >= 1, got {rank!r}.")
-    projected = set(projected_parameter_names(model, target_modules))
+    projected = {id(param) for _, param in _projected_parameters(model, target_modules)}
     if not projected:
         raise ValueError(f"`target_modules` {target_modules!r} matches no trainable 2-D weight of the model.")
     groups: dict[str, list] = {"projected": [], "decay": [], "no_decay": []}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        if name in projected:
+        if id(param) in projected:
             groups["projected"].append(param)
         elif param.dim() >= 2:
             groups["decay"].append(param)

@@ -73,6 +73,14 @@ def test_target_modules_as_names_or_a_regex(tiny_llama_dir) -> None:
     ]
 
 
+def test_explicit_targets_can_project_the_tied_head_and_embedding(tiny_llama_dir) -> None:
+    model = _model(tiny_llama_dir)
+    names = projected_parameter_names(model, r"lm_head|.*_proj")
+    assert "lm_head.weight" in names and len(names) == 15
+    optimizer = create_projected_optimizer(model, target_modules=r"lm_head|.*_proj", rank=4, lr=1e-3)
+    assert any(p is model.model.embed_tokens.weight for p in optimizer.param_groups[0]["params"])
+
+
 def test_factory_groups_and_state_size_on_the_tiny_llama(tiny_llama_dir, lm_data, tmp_path) -> None:
     model = _model(tiny_llama_dir)
     optimizer = create_projected_optimizer(model, rank=4, lr=1e-3, weight_decay=0.1)
