@@ -13,7 +13,6 @@ from .projection import (
     change_basis,
     change_basis_second_moment,
     project,
-    project_back,
     projection_side,
     random_basis,
     side_length,
@@ -255,9 +254,12 @@ class ProjectedAdamW(Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(reduced, reduced, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
         denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-        update = project_back(state["exp_avg"] / denom, basis, side)  # (rows, cols)
+        normalized = state["exp_avg"] / denom  # (rank, cols) or (rows, rank)
         work = param if param.dtype == torch.float32 else param.float()
-        work.mul_(1 - lr * group["weight_decay"])
-        work.add_(update, alpha=-step_size * group["scale"])
+        if group["weight_decay"]:
+            work.mul_(1 - lr * group["weight_decay"])
+        # W -= step * P N (left) or N Pᵀ (right), fused into one in-place matmul-add (no full-size temporary)
+        pair = (basis, normalized) if side == "left" else (normalized, basis.T)
+        work.addmm_(*pair, alpha=-step_size * group["scale"])
         if work is not param:
             param.copy_(work)
