@@ -65,3 +65,49 @@ def test_two_cpu_processes_under_accelerate_gather_with_gradients() -> None:
     # loss = sum_i (i + 1) * rowsum(gathered_i) on both ranks: each row receives 2 * (i + 1) per element
     assert results[0]["grad"] == [[2.0, 2.0], [4.0, 4.0]]
     assert results[1]["grad"] == [[6.0, 6.0], [8.0, 8.0], [10.0, 10.0]]
+
+
+def test_every_shipped_config_loads_with_accelerates_own_loader() -> None:
+    from importlib import resources
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(str(resources.files("hf_ext.accelerate_configs")))
+    files = sorted(root.rglob("*.yaml"))
+    assert {f.stem for f in files} >= {"cpu", "bf16", "bf16_compile", "multi_gpu_bf16_compile", "fsdp_bf16_compile"}
+    for file in files:
+        config = load_config_from_file(str(file))
+        text = file.read_text()
+        assert text.startswith(f"# hf_ext accelerate config: {file.stem}") and "# Launch:" in text, file
+        assert hf_ext.accelerate_config_path(file.stem) == file
+        if "compile" in file.stem:
+            assert config.dynamo_config["dynamo_backend"] == "INDUCTOR"
+            assert config.dynamo_config["dynamo_use_dynamic"] is False  # static shapes: the length buckets pay
+        if file.stem != "cpu":
+            assert config.mixed_precision == "bf16"
+    fsdp = load_config_from_file(str(hf_ext.accelerate_config_path("fsdp_bf16_compile")))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize("name", ["cpu", "bf16_compile", "fsdp_bf16_compile"])
+def test_cli_prints_the_path_of_an_existing_config(name: str) -> None:
+    import shutil
+
+    commands = [[sys.executable, "-m", "hf_ext.cli", "config", name]]
+    script = Path(sys.executable).parent / "hf-ext"
+    script = str(script) if script.is_file() else shutil.which("hf-ext")
+    if script:  # the console script, when the package is installed (make install does)
+        commands.append([script, "config", name])
+    for command in commands:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+        path = Path(proc.stdout.strip().splitlines()[-1])
+        assert path.is_file() and path == hf_ext.accelerate_config_path(name)
+
+
+def test_cli_lists_valid_names_for_an_unknown_config(capsys) -> None:
+    from hf_ext.cli import main
+
+    assert main(["config", "gpu"]) == 2
+    assert "must be one of" in capsys.readouterr().err
+    assert main(["config", "--list"]) == 0
+    assert "bf16_compile" in capsys.readouterr().out.split()

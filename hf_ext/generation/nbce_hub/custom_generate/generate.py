@@ -44,13 +44,20 @@ def _entropies(conditionals: Tensor) -> Tensor:
     return -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
 
 
-def _pool_local(conditionals: Tensor, pooling: str, eta: float, previous: int | None) -> tuple[Tensor, int | None]:
+def _pool_local(
+    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None
+) -> tuple[Tensor, Tensor | None]:
+    """Pool the context rows; entropy pooling also returns the chosen context (1-based, a 0-d tensor).
+
+    Tensor-only (no ``.item()``, no data-dependent Python branch), so it traces into one `torch.compile` graph.
+    """
     if pooling == "entropy":
         entropy = _entropies(conditionals)
-        if previous is not None and 1 <= previous <= conditionals.shape[0]:
-            entropy[previous - 1] -= eta
-        chosen = int(entropy.argmin()) + 1
-        return conditionals[chosen - 1], chosen
+        if previous is not None:  # stickiness: the previously chosen context gets an entropy bonus of eta
+            rows = torch.arange(1, conditionals.shape[0] + 1, device=entropy.device)
+            entropy = entropy - eta * (rows == previous).to(entropy.dtype)
+        chosen = entropy.argmin() + 1
+        return conditionals.index_select(0, chosen.view(1) - 1)[0], chosen
     if pooling == "mean":
         return conditionals.mean(dim=0), None
     if pooling == "max":
@@ -59,13 +66,15 @@ def _pool_local(conditionals: Tensor, pooling: str, eta: float, previous: int | 
 
 
 def _pool_sharded(
-    conditionals: Tensor, pooling: str, eta: float, previous: int | None, offset: int, vocab: int
-) -> tuple[Tensor, int | None]:
+    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None, offset: int, vocab: int
+) -> tuple[Tensor, Tensor | None]:
     """Pool the context rows of every process; only per-row statistics and one vocabulary row cross processes.
 
     ``conditionals`` holds this process's rows, the contexts ``offset + 1 .. offset + n_local`` (global 1-based).
     """
     import torch.distributed as dist
+
+    previous = None if previous is None else int(previous)
 
     n_local = conditionals.shape[0]
     device = conditionals.device
@@ -93,7 +102,7 @@ def _pool_sharded(
             else torch.empty(vocab, dtype=conditionals.dtype, device=device)
         )
         dist.broadcast(row, src=best)
-        return row, chosen
+        return row, torch.tensor(chosen, device=device)
     if pooling == "mean":
         total = conditionals.sum(dim=0) if n_local else torch.zeros(vocab, dtype=conditionals.dtype, device=device)
         count = torch.tensor([float(n_local)], dtype=conditionals.dtype, device=device)
@@ -114,9 +123,9 @@ def nbce_combine(
     pooling: str = "entropy",
     eta: float = 0.1,
     top_p: float = 0.95,
-    previous: int | None = None,
+    previous: Tensor | int | None = None,
     shard_offset: int | None = None,
-) -> tuple[Tensor, int | None]:
+) -> tuple[Tensor, Tensor | None]:
     """Combine one step's next-token logits of the NBCE rows into one log-distribution.
 
     Args:
@@ -126,13 +135,14 @@ def nbce_combine(
             (average log-probability: PCW-like) or ``max``.
         eta (`float`, *optional*, defaults to `0.1`): entropy bonus of the previously chosen context (entropy).
         top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of every row before combining.
-        previous (`int`, *optional*): the context (1-based, global) chosen at the previous step.
+        previous (`int` or 0-d `torch.Tensor`, *optional*): the context (1-based, global) chosen at the previous step.
         shard_offset (`int`, *optional*): set when the contexts are sharded across `torch.distributed` processes:
             this process's rows 1..n are the global contexts ``shard_offset + 1 ..``; every process must call.
 
     Returns:
         ``(combined, chosen)``: the combined log-scores ``(vocab,)`` (-inf outside the pooled nucleus) and the
-        context chosen by entropy pooling (global, 1-based; None for mean / max).
+        context chosen by entropy pooling (global, 1-based, a 0-d tensor; None for mean / max). Without sharding it
+        is tensor-only, so it compiles into one graph.
     """
     logp = _top_p_mask(torch.log_softmax(logits.float(), dim=-1), top_p)  # (rows, vocab)
     prior, conditionals = logp[0], logp[1:]
@@ -206,16 +216,21 @@ class NBCELogitsProcessor(LogitsProcessor):
             if not (dist.is_available() and dist.is_initialized()):
                 raise ValueError("`shard_contexts=True` needs an initialised torch.distributed process group.")
         self.shard_contexts = bool(shard_contexts)
-        self.chosen_contexts: list[int | None] = []  # per generated token: the context entropy pooling used
+        self._chosen: list[Tensor | None] = []  # per generated token: the context entropy pooling used
         self._length: int | None = None
         self._offset: int | None = None  # sharded: global index of this process's first context, minus one
 
-    def _pick(self, combined: Tensor) -> int:
+    @property
+    def chosen_contexts(self) -> list[int | None]:
+        """Per generated token, the context (1-based) entropy pooling took it from (None for mean / max)."""
+        return [None if chosen is None else int(chosen) for chosen in self._chosen]
+
+    def _pick(self, combined: Tensor) -> Tensor:
         if not self.do_sample:
-            return int(combined.argmax())
+            return combined.argmax()
         probs = torch.softmax(combined / self.temperature, dim=-1)
         device = self.generator.device if self.generator is not None else probs.device
-        return int(torch.multinomial(probs.to(device), 1, generator=self.generator))
+        return torch.multinomial(probs.to(device), 1, generator=self.generator)[0].to(combined.device)
 
     def _shard_offset(self, n_local: int, device: torch.device) -> int:
         import torch.distributed as dist
@@ -230,37 +245,38 @@ class NBCELogitsProcessor(LogitsProcessor):
                 "NBCE needs a batch of 1 + n_contexts rows (row 0: the question alone; rows 1..n: one context each), "
                 f"got {scores.shape[0]} row(s). Build it with `nbce_generate` or `nbce_batch`."
             )
+        # The checks on the rows' contents need their values on the host; under torch.compile they are skipped, so
+        # the step traces into one graph (validate once in eager mode).
+        checking = not torch.compiler.is_compiling()
         if self._length is None or input_ids.shape[1] <= self._length:  # a new generation
-            self.chosen_contexts = []
+            self._chosen = []
             if self.shard_contexts:
                 self._offset = self._shard_offset(scores.shape[0] - 1, scores.device)
-            if torch.unique(input_ids, dim=0).shape[0] < input_ids.shape[0]:
+            if checking and torch.unique(input_ids, dim=0).shape[0] < input_ids.shape[0]:
                 raise ValueError(
                     "Two NBCE rows are identical: beam search (num_beams > 1) copies every row, which NBCE does not "
                     "support (use greedy decoding or sampling), or the same context was passed twice."
                 )
-        elif not bool((input_ids[:, -1] == input_ids[0, -1]).all()):
+        elif checking and not bool((input_ids[:, -1] == input_ids[0, -1]).all()):
             raise ValueError(
                 "The batch rows diverged: NBCE forces one token into every row, which beam search (num_beams > 1) "
                 "and per-row stopping break. Use greedy decoding or sampling with num_beams=1."
             )
         self._length = input_ids.shape[1]
-        previous = self.chosen_contexts[-1] if self.chosen_contexts else None
+        previous = self._chosen[-1] if self._chosen else None
         combined, chosen = nbce_combine(
             scores, beta=self.beta, pooling=self.pooling, eta=self.eta, top_p=self.top_p, previous=previous,
             shard_offset=self._offset if self.shard_contexts else None,
         )  # fmt: skip
-        self.chosen_contexts.append(chosen)
-        token = self._pick(combined)
+        self._chosen.append(chosen)
+        token = self._pick(combined)  # 0-d long tensor
         if self.shard_contexts:  # every process appends the same token (sampling: rank 0's draw)
             import torch.distributed as dist
 
-            picked = torch.tensor([token], dtype=torch.long, device=scores.device)
+            picked = token.view(1).clone()
             dist.broadcast(picked, src=0)
-            token = int(picked)
-        forced = torch.full_like(scores, -torch.inf)
-        forced[:, token] = 0.0
-        return forced
+            token = picked[0]
+        return torch.full_like(scores, -torch.inf).index_fill_(1, token.view(1), 0.0)
 
 
 def nbce_batch(
