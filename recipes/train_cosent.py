@@ -43,6 +43,8 @@ from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimil
 from transformers import HfArgumentParser, set_seed
 
 from hf_ext import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, load_stsb, minilm_path
+from hf_ext.data import bucket_sentence_transformer, default_buckets
+from hf_ext.trainers import compile_enabled
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "cosent.md"
 BI_LOSSES = ("cosent", "cached_cosent", "st_cosent", "st_angle", "st_cosine")
@@ -197,6 +199,8 @@ def main(args: CoSENTRecipeArguments, training_args) -> dict:
     set_seed(training_args.seed)  # the same seed gives the same initialisation (the cross-encoder's fresh head)
     splits = load_splits(args)
     model = build_model(args)
+    if compile_enabled(training_args):  # static shapes for torch.compile: pad every batch to one of 3 lengths
+        bucket_sentence_transformer(model, default_buckets(args.max_seq_length))
     loss = build_loss(args, model)
     test_evaluator = build_evaluator(args, splits["test"], "sts-test")
     before = spearman(args, test_evaluator(model), "sts-test") if args.evaluate_before_training else None

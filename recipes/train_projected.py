@@ -36,8 +36,9 @@ from transformers import (
 )
 
 from hf_ext import BBC_NEWS_LABELS, minilm_path, smollm2_path
-from hf_ext.data import bbc_classification_data, bbc_lm_data
+from hf_ext.data import BucketPadCollator, bbc_classification_data, bbc_lm_data, default_buckets
 from hf_ext.optim import create_projected_optimizer, optimizer_state_bytes, projected_parameter_names
+from hf_ext.trainers import RecompileCounter, compile_enabled
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "projected.md"
 TASKS = ("causal_lm", "classification")
@@ -111,6 +112,11 @@ def main(args: ProjectedRecipeArguments, training_args: TrainingArguments) -> di
         train, test = bbc_classification_data(tokenizer, args.max_length, max_train_samples=args.max_train_samples,
                                               max_eval_samples=args.max_eval_samples)  # fmt: skip
         collator = DataCollatorWithPadding(tokenizer)
+    callbacks = []
+    if compile_enabled(training_args):  # static shapes for torch.compile: pad every batch to one of 3 lengths
+        length = args.block_size if args.task == "causal_lm" else args.max_length
+        collator = BucketPadCollator(collator, default_buckets(length))
+        callbacks.append(RecompileCounter())
     targets = args.targets()
     if args.optimizer == "projected":
         optimizer = create_projected_optimizer(
@@ -120,10 +126,10 @@ def main(args: ProjectedRecipeArguments, training_args: TrainingArguments) -> di
             betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon,
         )  # fmt: skip
         trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
-                          data_collator=collator, optimizers=(optimizer, None))  # fmt: skip
+                          data_collator=collator, optimizers=(optimizer, None), callbacks=callbacks)  # fmt: skip
     else:
         trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
-                          data_collator=collator)  # fmt: skip
+                          data_collator=collator, callbacks=callbacks)  # fmt: skip
     train_output = trainer.train()
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     projected = set(projected_parameter_names(model, targets))

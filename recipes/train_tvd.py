@@ -39,9 +39,9 @@ from transformers import (
 )
 
 from hf_ext import BBC_NEWS_LABELS, bbc_news_train_test_split, minilm_path, smollm2_path
-from hf_ext.data import bbc_classification_data, bbc_lm_data
+from hf_ext.data import BucketPadCollator, bbc_classification_data, bbc_lm_data, default_buckets
 from hf_ext.metrics import confidence_calibration, load_ece
-from hf_ext.trainers import TVDConfig, TVDTrainer
+from hf_ext.trainers import RecompileCounter, TVDConfig, TVDTrainer, compile_enabled
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "tvd.md"
 TASKS = ("classification", "causal_lm")
@@ -180,8 +180,13 @@ def main(args: TVDRecipeArguments, config: TVDConfig) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path)
         train, test = causal_lm_data(args, tokenizer)
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    callbacks = []
+    if compile_enabled(config):  # static shapes for torch.compile: pad every batch to one of 3 lengths
+        length = args.max_length if args.task == "classification" else args.block_size
+        collator = BucketPadCollator(collator, default_buckets(length))
+        callbacks.append(RecompileCounter())
     trainer_cls = TVDTrainer if args.trainer == "tvd" else Trainer
-    trainer = trainer_cls(model=model, args=config, train_dataset=train, data_collator=collator)
+    trainer = trainer_cls(model=model, args=config, train_dataset=train, data_collator=collator, callbacks=callbacks)
     train_output = trainer.train()
     if args.task == "classification":
         test_metrics = evaluate_classification(model, test, collator)
@@ -197,6 +202,7 @@ def main(args: TVDRecipeArguments, config: TVDConfig) -> dict:
         "seed": config.seed,
         "train_examples": len(train),
         "train_seconds": train_output.metrics.get("train_runtime"),
+        "compiled_graphs": callbacks[0].count if callbacks else None,
         "test": test_metrics,
         "command": " ".join(["recipes/train_tvd.py", *sys.argv[1:]]),
     }

@@ -318,3 +318,18 @@ def test_train_projected_rejects_bad_arguments(argv: list[str], match: str) -> N
 
     with pytest.raises(ValueError, match=match):
         train_projected.parse_args(argv)
+
+
+def test_train_tvd_with_compile_on_pads_to_buckets_without_warnings(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import warnings
+
+    import train_tvd
+
+    argv = ["--task", "classification", "--model_name_or_path", str(tiny_bert_dir), "--max_train_samples", "32",
+            "--max_eval_samples", "16", "--max_steps", "4", "--per_device_train_batch_size", "8", "--use_cpu", "true",
+            "--torch_compile", "true", "--torch_compile_backend", "eager", "--output_dir", str(tmp_path)]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = train_tvd.main(*train_tvd.parse_args(argv))
+    assert not [w for w in caught if "length buckets" in str(w.message) or "graphs, more than" in str(w.message)]
+    assert 1 <= results["compiled_graphs"] <= 3 and 0 <= results["test"]["accuracy"] <= 1

@@ -8,7 +8,7 @@ buckets costs only the extra padding.
   ``DataCollatorForLanguageModeling``, ...) and pads its output's sequence dimension to the smallest bucket;
 - `pad_to_bucket(batch, buckets, pad_token_id)`: the same on an already padded batch (dict of tensors);
 - `bucket_sentence_transformer(model, buckets)`: sentence-transformers tokenises inside the model
-  (``model.tokenize``), so the buckets go there: every feature batch it builds is padded to a bucket;
+  (``model.preprocess``), so the buckets go there: every feature batch it builds is padded to a bucket;
 - `default_buckets(max_length)`: three buckets, max_length / 4, / 2 and max_length (rounded to multiples of 8).
 
 Example:
@@ -118,8 +118,9 @@ class BucketPadCollator:
 def bucket_sentence_transformer(model, buckets: Sequence[int]):
     """Make a `SentenceTransformer` (or `CrossEncoder`) pad every tokenised batch to a bucket; returns the model.
 
-    sentence-transformers tokenises inside the model (``model.tokenize``, also used by its data collator), so the
-    padding goes there; ``max_seq_length`` must not exceed the largest bucket.
+    sentence-transformers tokenises inside the model (``model.preprocess``, which its data collator and ``encode``
+    call), so the padding goes there; ``max_seq_length`` must not exceed the largest bucket. Apply it before
+    building the trainer.
     """
     buckets = _check_buckets(buckets)
     tokenizer = getattr(model, "tokenizer", None)
@@ -131,11 +132,14 @@ def bucket_sentence_transformer(model, buckets: Sequence[int]):
             f"The model's max_seq_length ({max_length}) exceeds the largest bucket ({buckets[-1]}): set "
             f"`model.max_seq_length = {buckets[-1]}` or add a bucket of {max_length}."
         )
-    tokenize = model.tokenize
+    # sentence-transformers >= 6 tokenises through `preprocess` (its data collator and `encode` both call it);
+    # older versions through `tokenize`. Patch the instance, so the trainer's collator picks it up.
+    name = "preprocess" if hasattr(model, "preprocess") else "tokenize"
+    original = getattr(model, name)
 
-    def bucketed_tokenize(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return pad_to_bucket(tokenize(*args, **kwargs), buckets, tokenizer.pad_token_id, tokenizer.padding_side)
+    def bucketed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return pad_to_bucket(original(*args, **kwargs), buckets, tokenizer.pad_token_id, tokenizer.padding_side)
 
-    model.tokenize = bucketed_tokenize
+    setattr(model, name, bucketed)
     model.length_buckets = buckets
     return model

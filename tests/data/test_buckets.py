@@ -58,8 +58,11 @@ def test_sentence_transformer_tokenize_pads_to_buckets(minilm) -> None:
     model = copy.deepcopy(minilm)
     model.max_seq_length = 64
     bucket_sentence_transformer(model, (16, 32, 64))
-    features = model.tokenize(["a cat", "a dog sleeps on the warm mat by the door"])
+    features = model.preprocess(["a cat", "a dog sleeps on the warm mat by the door"])
     assert features["input_ids"].shape[1] == 16
+    assert (
+        minilm.preprocess(["a cat", "a dog sleeps on the warm mat by the door"])["input_ids"].shape[1] == 12
+    )  # unbucketed: the longest
     plain = minilm.encode(["a dog sleeps on the mat"], convert_to_tensor=True)
     bucketed = model.encode(["a dog sleeps on the mat"], convert_to_tensor=True)
     torch.testing.assert_close(bucketed, plain, rtol=1e-4, atol=1e-5)  # padding is masked out
