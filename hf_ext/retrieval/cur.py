@@ -1,0 +1,407 @@
+"""CURIndex: near-exact cross-encoder top-k at a fraction of the cross-encoder calls (ANNCUR, EMNLP 2022).
+
+Offline, anchor queries ``V`` are scored against every item (``R``, ``|V| x N``) and the item matrix
+``pinv(R[:, U]) @ R`` (``|U| x N``) is stored, ``U`` being the anchor items. Online, a query is scored against the
+anchor items only (``c``, ``|U|`` calls), all ``N`` scores are approximated by ``c @ item_matrix``, and the best
+``rerank_k`` are re-scored exactly: ``|U| + rerank_k`` calls (fewer: anchor items among the candidates are
+already scored) instead of ``N``.
+
+Example:
+
+```python
+>>> from sentence_transformers import CrossEncoder
+>>> from hf_ext.retrieval import CURIndex
+>>> cross_encoder = CrossEncoder("cross-encoder/stsb-distilroberta-base")  # any object with `predict(pairs)`
+>>> items = ["A man is playing a guitar.", "A woman slices an onion.", ...]  # doctest: +SKIP
+>>> index = CURIndex.build(cross_encoder, items, anchor_queries=items[:100], n_anchor_items=100)  # doctest: +SKIP
+>>> hits, calls = index.search(["Someone plays music."], top_k=10, rerank_k=50)  # doctest: +SKIP
+>>> index.save_pretrained("my-cur-index")  # or push_to_hub("me/my-cur-index")  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub import ModelHubMixin
+from tqdm.auto import tqdm
+
+ANCHOR_STRATEGIES = ("random", "kmeans")
+# Singular values of the anchor matrix below RCOND times the largest are treated as zero by the pseudo-inverse
+# (numpy's lstsq convention scaled up for float32 scores): a singular or near-singular anchor block does not
+# blow the item matrix up.
+DEFAULT_RCOND = 1e-4
+CONFIG_NAME = "config.json"  # huggingface_hub's name: the mixin then leaves it as written here
+WEIGHTS_NAME = "cur_index.safetensors"
+ITEMS_NAME = "items.json"
+
+
+def cross_encoder_name(cross_encoder: Any) -> str | None:
+    """The Hub id or path a (sentence-transformers) cross-encoder was loaded from, when it says."""
+    for getter in (
+        lambda m: m.model_card_data.base_model,
+        lambda m: m.config._name_or_path,
+        lambda m: m.model.config._name_or_path,
+        lambda m: m.name_or_path,
+    ):
+        try:
+            name = getter(cross_encoder)
+        except AttributeError:
+            continue
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _check_items(items: Sequence[str], name: str) -> list[str]:
+    if isinstance(items, str) or not isinstance(items, Sequence) or len(items) == 0:
+        raise ValueError(f"`{name}` must be a non-empty list of strings.")
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"`{name}[{index}]` is empty or not a string: every entry must be non-empty text.")
+    return list(items)
+
+
+def score_pairs(cross_encoder: Any, pairs: list[tuple[str, str]], batch_size: int) -> np.ndarray:
+    """Cross-encoder scores of ``pairs`` as float64; non-finite scores are an error (never silently kept)."""
+    if not pairs:
+        return np.zeros(0)
+    scores = np.asarray(cross_encoder.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
+    scores = scores.reshape(len(pairs), -1)
+    if scores.shape[1] != 1:
+        raise ValueError(f"The cross-encoder must return one score per pair, got {scores.shape[1]} per pair.")
+    scores = scores[:, 0]
+    if not np.isfinite(scores).all():
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise ValueError(f"The cross-encoder returned a non-finite score ({scores[bad]}) for the pair {pairs[bad]!r}.")
+    return scores
+
+
+def kmeans_anchor_ids(embeddings: np.ndarray, n_anchors: int, *, seed: int = 0, iterations: int = 25) -> np.ndarray:
+    """Indices of the items nearest to ``n_anchors`` k-means centres (cosine, k-means++ start), all distinct."""
+    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    centres = [x[torch.randint(n, (1,), generator=generator)].squeeze(0)]
+    closest = 1 - x @ centres[0]
+    for _ in range(1, n_anchors):  # k-means++: the next centre far from the chosen ones
+        probs = closest.clamp(min=0) ** 2
+        pick = torch.multinomial(probs / probs.sum(), 1, generator=generator) if probs.sum() > 0 else torch.tensor([0])
+        centres.append(x[pick].squeeze(0))
+        closest = torch.minimum(closest, 1 - x @ centres[-1])
+    c = torch.stack(centres)
+    for _ in range(iterations):
+        assign = (x @ c.T).argmax(dim=1)
+        for k in range(n_anchors):
+            members = x[assign == k]
+            if len(members):
+                c[k] = torch.nn.functional.normalize(members.mean(0), dim=0)
+    similarity = x @ c.T  # (n, k)
+    chosen: list[int] = []
+    for k in range(n_anchors):  # nearest item per centre, distinct
+        for index in similarity[:, k].argsort(descending=True).tolist():
+            if index not in chosen:
+                chosen.append(index)
+                break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "anncur", "retrieval"]):
+    """A CUR (ANNCUR) index of ``items`` for one cross-encoder: build offline, `search` online.
+
+    Build it with `CURIndex.build`; save with ``save_pretrained`` / ``push_to_hub`` (huggingface_hub's mixin:
+    safetensors for the matrices, JSON for the config and the items) and load with ``from_pretrained``.
+
+    Args:
+        items (`list[str]`): the corpus.
+        anchor_item_ids (`np.ndarray`): the anchor items ``U`` (indices into ``items``).
+        item_matrix (`np.ndarray` of shape `(len(U), len(items))`): ``pinv(R[:, U]) @ R``.
+        anchor_queries (`list[str]`): the anchor queries ``V`` (kept for provenance).
+        cross_encoder_name (`str`, *optional*): the Hub id or path of the cross-encoder it was built with.
+        rcond (`float`, *optional*, defaults to `1e-4`): the pseudo-inverse's relative cut-off it was built with.
+        anchor_strategy (`str`, *optional*, defaults to `"random"`): how the anchor items were chosen.
+    """
+
+    def __init__(
+        self,
+        items: list[str],
+        anchor_item_ids: np.ndarray,
+        item_matrix: np.ndarray,
+        anchor_queries: list[str],
+        cross_encoder_name: str | None = None,
+        rcond: float = DEFAULT_RCOND,
+        anchor_strategy: str = "random",
+    ) -> None:
+        self.items = list(items)
+        self.anchor_item_ids = np.asarray(anchor_item_ids, dtype=np.int64)
+        self.item_matrix = np.asarray(item_matrix, dtype=np.float32)
+        self.anchor_queries = list(anchor_queries)
+        self.cross_encoder_name = cross_encoder_name
+        self.rcond = float(rcond)
+        self.anchor_strategy = anchor_strategy
+        self.cross_encoder: Any = None
+        expected = (len(self.anchor_item_ids), len(self.items))
+        if self.item_matrix.shape != expected:
+            raise ValueError(f"`item_matrix` has shape {self.item_matrix.shape}, expected {expected}.")
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(
+        cls,
+        cross_encoder: Any,
+        items: Sequence[str],
+        *,
+        anchor_queries: Sequence[str] | None = None,
+        n_anchor_queries: int | None = None,
+        query_pool: Sequence[str] | None = None,
+        n_anchor_items: int = 100,
+        anchor_strategy: str = "random",
+        embedder: Any = None,
+        rcond: float = DEFAULT_RCOND,
+        batch_size: int = 64,
+        show_progress_bar: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> CURIndex:
+        """Score the anchor queries against every item and factorise.
+
+        Args:
+            cross_encoder: any object with sentence-transformers' ``predict(pairs, batch_size=...,
+                show_progress_bar=...)`` (duck-typed: other rerankers plug in).
+            items (`list[str]`): the corpus.
+            anchor_queries (`list[str]`, *optional*): the anchor queries ``V``; or ``n_anchor_queries`` drawn
+                (seeded) from ``query_pool``. Anchor queries should look like the queries to come, and must not be
+                the test queries of an evaluation.
+            n_anchor_items (`int`, *optional*, defaults to `100`): ``|U|``, at most ``len(items)``.
+            anchor_strategy (`str`, *optional*, defaults to `"random"`): ``random`` (uniform, the paper's) or
+                ``kmeans`` (the items nearest to k-means centres of ``embedder.encode(items)``; needs ``embedder``,
+                e.g. a `SentenceTransformer`).
+            rcond (`float`, *optional*, defaults to `1e-4`): singular values of ``R[:, U]`` below ``rcond`` times
+                the largest are cut by the pseudo-inverse (a singular anchor block is handled, not amplified).
+            batch_size (`int`, *optional*, defaults to `64`): cross-encoder batch size.
+            show_progress_bar (`bool`, *optional*, defaults to `True`): a bar over the anchor queries.
+            checkpoint_dir (`str`, *optional*): each anchor query's row of scores is saved there as it is computed
+                and reused by a later call, so an interrupted build resumes.
+            seed (`int`, *optional*, defaults to `0`): seed of the anchor draws.
+        """
+        items = _check_items(items, "items")
+        if anchor_strategy not in ANCHOR_STRATEGIES:
+            raise ValueError(f"`anchor_strategy` must be one of {ANCHOR_STRATEGIES}, got {anchor_strategy!r}.")
+        if isinstance(n_anchor_items, bool) or not isinstance(n_anchor_items, int) or n_anchor_items < 1:
+            raise ValueError(f"`n_anchor_items` must be an int >= 1, got {n_anchor_items!r}.")
+        if n_anchor_items > len(items):
+            raise ValueError(f"`n_anchor_items` ({n_anchor_items}) exceeds the number of items ({len(items)}).")
+        if not rcond > 0:
+            raise ValueError(f"`rcond` must be > 0, got {rcond}.")
+        rng = np.random.default_rng(seed)
+        if anchor_queries is None:
+            if query_pool is None or n_anchor_queries is None:
+                raise ValueError("Pass `anchor_queries`, or `n_anchor_queries` with a `query_pool` to draw them from.")
+            pool = _check_items(query_pool, "query_pool")
+            if not 1 <= n_anchor_queries <= len(pool):
+                raise ValueError(f"`n_anchor_queries` must be in [1, {len(pool)}], got {n_anchor_queries}.")
+            anchor_queries = [pool[i] for i in sorted(rng.choice(len(pool), n_anchor_queries, replace=False))]
+        anchor_queries = _check_items(anchor_queries, "anchor_queries")
+        if anchor_strategy == "kmeans":
+            if embedder is None:
+                raise ValueError("`anchor_strategy='kmeans'` needs an `embedder` (an object with `encode(texts)`).")
+            embeddings = np.asarray(embedder.encode(items, batch_size=batch_size, show_progress_bar=show_progress_bar))
+            anchor_ids = kmeans_anchor_ids(embeddings, n_anchor_items, seed=seed)
+        else:
+            anchor_ids = np.sort(rng.choice(len(items), n_anchor_items, replace=False))
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for index, query in enumerate(tqdm(anchor_queries, desc="CUR: anchor queries x items",
+                                           disable=not show_progress_bar)):  # fmt: skip
+            path = folder / f"row_{index:06d}.npy" if folder is not None else None
+            if path is not None and path.is_file():
+                row = np.load(path)
+                if row.shape != (len(items),):
+                    raise ValueError(f"{path} holds {row.shape[0]} scores for {len(items)} items: another corpus?")
+            else:
+                row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
+                if path is not None:
+                    np.save(path, row)
+            rows.append(row)
+        scores = np.stack(rows)  # R: (|V|, N)
+        item_matrix = cur_item_matrix(scores, anchor_ids, rcond)
+        index = cls(items, anchor_ids, item_matrix, anchor_queries, cross_encoder_name(cross_encoder), rcond,
+                    anchor_strategy)  # fmt: skip
+        index.cross_encoder = cross_encoder
+        return index
+
+    # ------------------------------------------------------------------------------------------------ search
+
+    def search(
+        self,
+        queries: Sequence[str],
+        top_k: int = 10,
+        rerank_k: int = 100,
+        *,
+        cross_encoder: Any = None,
+        batch_size: int = 64,
+        show_progress_bar: bool = False,
+    ) -> tuple[list[list[dict[str, Any]]], list[int]]:
+        """Approximate every item's score from the anchor items', re-rank the best ``rerank_k`` exactly.
+
+        Returns:
+            ``(hits, calls)``: per query, sentence-transformers-style hits (``{"corpus_id", "score"}``, exact
+            cross-encoder scores, best first, ``top_k`` of them) and the cross-encoder calls spent on it.
+        """
+        queries = _check_items(queries, "queries")
+        cross_encoder = self._cross_encoder(cross_encoder)
+        if top_k < 1 or rerank_k < top_k:
+            raise ValueError(f"Need 1 <= top_k <= rerank_k, got top_k={top_k}, rerank_k={rerank_k}.")
+        rerank_k = min(rerank_k, len(self.items))
+        anchors = self.anchor_item_ids.tolist()
+        all_hits, all_calls = [], []
+        for query in tqdm(queries, desc="CUR search", disable=not show_progress_bar):
+            exact = dict(zip(anchors, score_pairs(cross_encoder, [(query, self.items[i]) for i in anchors], batch_size),
+                             strict=True))  # fmt: skip
+            approx = self.approximate_scores(np.asarray([exact[i] for i in anchors]))
+            candidates = np.argsort(-approx, kind="stable")[:rerank_k].tolist()
+            todo = [i for i in candidates if i not in exact]
+            exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
+                             strict=True))  # fmt: skip
+            ranked = sorted(candidates, key=lambda i: (-exact[i], i))[:top_k]
+            all_hits.append([{"corpus_id": i, "score": float(exact[i])} for i in ranked])
+            all_calls.append(len(anchors) + len(todo))
+        return all_hits, all_calls
+
+    def approximate_scores(self, anchor_scores: np.ndarray) -> np.ndarray:
+        """All items' approximate scores from one query's exact scores on the anchor items (``c @ item_matrix``)."""
+        return np.asarray(anchor_scores, dtype=np.float64) @ self.item_matrix.astype(np.float64)
+
+    def _cross_encoder(self, cross_encoder: Any) -> Any:
+        if cross_encoder is not None:
+            name = cross_encoder_name(cross_encoder)
+            if self.cross_encoder_name and name and name != self.cross_encoder_name:
+                warnings.warn(
+                    f"This CUR index was built with the cross-encoder {self.cross_encoder_name!r}, but is searched "
+                    f"with {name!r}: its approximate scores only hold for the cross-encoder it was built with.",
+                    stacklevel=3,
+                )
+            self.cross_encoder = cross_encoder
+        if self.cross_encoder is None:
+            raise ValueError(
+                f"Pass `cross_encoder` (the index was built with {self.cross_encoder_name!r}) to search, or load the "
+                "index with `from_pretrained(..., cross_encoder=...)`."
+            )
+        return self.cross_encoder
+
+    # ------------------------------------------------------------------------------------------------ persistence
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_directory = Path(save_directory)
+        save_file({"item_matrix": self.item_matrix, "anchor_item_ids": self.anchor_item_ids},
+                  str(save_directory / WEIGHTS_NAME))  # fmt: skip
+        texts = {"items": self.items, "anchor_queries": self.anchor_queries}
+        (save_directory / ITEMS_NAME).write_text(json.dumps(texts))
+        config = {
+            "cross_encoder_name": self.cross_encoder_name,
+            "rcond": self.rcond,
+            "anchor_strategy": self.anchor_strategy,
+            "n_items": len(self.items),
+            "n_anchor_items": len(self.anchor_item_ids),
+            "n_anchor_queries": len(self.anchor_queries),
+            "format": "hf_ext.CURIndex/1",
+        }
+        (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        cross_encoder: Any = None,
+        **kwargs: Any,
+    ) -> CURIndex:
+        from safetensors.numpy import load_file
+
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                            force_download=force_download, local_files_only=local_files_only,
+                                            token=token))  # fmt: skip
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        texts = json.loads((folder / ITEMS_NAME).read_text())
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+        index = cls(texts["items"], tensors["anchor_item_ids"], tensors["item_matrix"], texts["anchor_queries"],
+                    config.get("cross_encoder_name"), config.get("rcond", DEFAULT_RCOND),
+                    config.get("anchor_strategy", "random"))  # fmt: skip
+        if cross_encoder is not None:
+            index._cross_encoder(cross_encoder)
+        return index
+
+
+def cur_item_matrix(scores: np.ndarray, anchor_item_ids: np.ndarray, rcond: float = DEFAULT_RCOND) -> np.ndarray:
+    """``pinv(R[:, U]) @ R``: the ``(|U|, N)`` item matrix of ANNCUR, from the anchor-query scores ``R``.
+
+    The pseudo-inverse cuts singular values below ``rcond`` times the largest, so a singular anchor block gives the
+    least-squares solution instead of exploding.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or not np.isfinite(scores).all():
+        raise ValueError("`scores` must be a finite (n_anchor_queries, n_items) matrix.")
+    block = scores[:, np.asarray(anchor_item_ids)]  # (|V|, |U|)
+    return np.linalg.pinv(block, rcond=rcond) @ scores
+
+
+def biencoder_rerank_search(
+    bi_encoder: Any,
+    cross_encoder: Any,
+    items: Sequence[str],
+    queries: Sequence[str],
+    top_k: int = 10,
+    rerank_k: int = 100,
+    *,
+    item_embeddings: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> tuple[list[list[dict[str, Any]]], list[int]]:
+    """The baseline: bi-encoder retrieves ``rerank_k`` items by cosine, the cross-encoder re-ranks them.
+
+    Same output and call accounting as `CURIndex.search` (``rerank_k`` cross-encoder calls per query).
+    """
+    items, queries = _check_items(items, "items"), _check_items(queries, "queries")
+    if top_k < 1 or rerank_k < top_k:
+        raise ValueError(f"Need 1 <= top_k <= rerank_k, got top_k={top_k}, rerank_k={rerank_k}.")
+    if item_embeddings is None:
+        item_embeddings = np.asarray(bi_encoder.encode(items, batch_size=batch_size, normalize_embeddings=True))
+    query_embeddings = np.asarray(bi_encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True))
+    similarity = query_embeddings @ np.asarray(item_embeddings).T
+    rerank_k = min(rerank_k, len(items))
+    all_hits, all_calls = [], []
+    for query, row in zip(queries, similarity, strict=True):
+        candidates = np.argsort(-row, kind="stable")[:rerank_k].tolist()
+        exact = score_pairs(cross_encoder, [(query, items[i]) for i in candidates], batch_size)
+        order = sorted(range(len(candidates)), key=lambda j: (-exact[j], candidates[j]))[:top_k]
+        all_hits.append([{"corpus_id": candidates[j], "score": float(exact[j])} for j in order])
+        all_calls.append(len(candidates))
+    return all_hits, all_calls
+
+
+def top_k_overlap(hits: list[list[dict[str, Any]]], exact_top: list[list[int]], k: int) -> float:
+    """Mean share of the exact top-``k`` ids found in each query's top-``k`` hits."""
+    if not hits or len(hits) != len(exact_top):
+        raise ValueError("`hits` and `exact_top` must be non-empty and of equal length.")
+    pairs = zip(hits, exact_top, strict=True)
+    shares = [len({hit["corpus_id"] for hit in found[:k]} & set(truth[:k])) / k for found, truth in pairs]
+    return sum(shares) / len(shares)

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from hf_ext.retrieval import CURIndex, biencoder_rerank_search, cur_item_matrix, kmeans_anchor_ids, top_k_overlap
+
+
+class LowRankCrossEncoder:
+    """A stand-in cross-encoder whose score matrix has rank ``rank``: score(q, i) = f(q) · W · g(i)."""
+
+    def __init__(self, texts: list[str], rank: int = 6, seed: int = 0, name: str = "fake/low-rank") -> None:
+        rng = np.random.default_rng(seed)
+        self.vectors = {t: rng.normal(size=rank) for t in texts}
+        self.weights = rng.normal(size=(rank, rank))
+        self.name_or_path = name
+        self.calls = 0
+
+    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
+        self.calls += len(pairs)
+        return np.array([self.vectors[q] @ self.weights @ self.vectors[i] for q, i in pairs])
+
+    def encode(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize_embeddings: bool = False):
+        vectors = np.stack([self.vectors[t] for t in texts])
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if normalize_embeddings else vectors
+
+
+ITEMS = [f"item {i}" for i in range(60)]
+QUERIES = [f"query {i}" for i in range(30)]
+
+
+@pytest.fixture
+def cross_encoder() -> LowRankCrossEncoder:
+    return LowRankCrossEncoder(ITEMS + QUERIES)
+
+
+def _exact_top(cross_encoder, queries, k: int) -> list[list[int]]:
+    tops = []
+    for query in queries:
+        scores = cross_encoder.predict([(query, item) for item in ITEMS])
+        tops.append(sorted(range(len(ITEMS)), key=lambda i: (-scores[i], i))[:k])
+    return tops
+
+
+def test_all_items_as_anchors_reproduce_the_exact_scores() -> None:
+    cross_encoder = LowRankCrossEncoder(ITEMS + QUERIES, rank=80)  # full rank: only all-item anchors are exact
+    anchors = [f"item {i}" for i in range(60)] + QUERIES[:20]  # |V| = 80 >= N: R has full column rank
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=anchors, n_anchor_items=60, show_progress_bar=False)
+    for query in QUERIES[20:]:
+        exact = cross_encoder.predict([(query, item) for item in ITEMS])
+        np.testing.assert_allclose(index.approximate_scores(exact[index.anchor_item_ids]), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_scores_are_recovered_from_few_anchors(cross_encoder) -> None:
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:10], n_anchor_items=10,
+                           show_progress_bar=False)  # fmt: skip
+    query = QUERIES[25]
+    exact = cross_encoder.predict([(query, item) for item in ITEMS])
+    np.testing.assert_allclose(index.approximate_scores(exact[index.anchor_item_ids]), exact, rtol=1e-3, atol=1e-3)
+
+
+def test_rerank_over_every_item_gives_the_exact_top_k_and_counts_calls(cross_encoder) -> None:
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:8], n_anchor_items=8, show_progress_bar=False)
+    hits, calls = index.search(QUERIES[10:15], top_k=5, rerank_k=60)
+    assert [[h["corpus_id"] for h in row] for row in hits] == _exact_top(cross_encoder, QUERIES[10:15], 5)
+    assert calls == [60] * 5  # 8 anchors + the 52 other items; anchor scores are reused, not recomputed
+    hits, calls = index.search(QUERIES[10:15], top_k=5, rerank_k=10)
+    assert all(8 <= c <= 18 for c in calls)  # rank-6 scores, 8 anchors: the approximation ranks exactly
+    assert top_k_overlap(hits, _exact_top(cross_encoder, QUERIES[10:15], 5), 5) == 1
+
+
+def test_save_and_load_round_trip_gives_identical_results(cross_encoder, tmp_path) -> None:
+    index = CURIndex.build(cross_encoder, ITEMS, n_anchor_queries=8, query_pool=QUERIES[:20], n_anchor_items=6,
+                           show_progress_bar=False)  # fmt: skip
+    index.save_pretrained(tmp_path / "index")
+    assert {p.name for p in (tmp_path / "index").iterdir()} >= {"config.json", "cur_index.safetensors", "items.json"}
+    loaded = CURIndex.from_pretrained(str(tmp_path / "index"), cross_encoder=cross_encoder)
+    assert loaded.cross_encoder_name == "fake/low-rank" and loaded.items == ITEMS
+    assert loaded.search(QUERIES[20:], top_k=3, rerank_k=8) == index.search(QUERIES[20:], top_k=3, rerank_k=8)
+
+
+def test_loading_with_another_cross_encoder_warns_with_both_names(cross_encoder, tmp_path) -> None:
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:5], n_anchor_items=5, show_progress_bar=False)
+    index.save_pretrained(tmp_path / "index")
+    other = LowRankCrossEncoder(ITEMS + QUERIES, name="someone/else")
+    with pytest.warns(UserWarning, match=r"fake/low-rank.*someone/else"):
+        CURIndex.from_pretrained(str(tmp_path / "index"), cross_encoder=other)
+    with pytest.raises(ValueError, match="Pass `cross_encoder`"):
+        CURIndex.from_pretrained(str(tmp_path / "index")).search(["query 1"])
+
+
+def test_build_resumes_from_its_checkpoint_rows(cross_encoder, tmp_path) -> None:
+    first = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:6], n_anchor_items=5, show_progress_bar=False,
+                           checkpoint_dir=tmp_path / "rows")  # fmt: skip
+    calls = cross_encoder.calls
+    again = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:6], n_anchor_items=5, show_progress_bar=False,
+                           checkpoint_dir=tmp_path / "rows")  # fmt: skip
+    assert cross_encoder.calls == calls and len(list((tmp_path / "rows").glob("row_*.npy"))) == 6
+    np.testing.assert_array_equal(first.item_matrix, again.item_matrix)
+
+
+def test_kmeans_anchors_are_distinct_items_near_cluster_centres(cross_encoder) -> None:
+    ids = kmeans_anchor_ids(cross_encoder.encode(ITEMS), 8, seed=0)
+    assert len(set(ids.tolist())) == 8 and ids.max() < len(ITEMS)
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:10], n_anchor_items=8,
+                           anchor_strategy="kmeans", embedder=cross_encoder, show_progress_bar=False)  # fmt: skip
+    assert index.anchor_strategy == "kmeans" and sorted(index.anchor_item_ids.tolist()) == sorted(ids.tolist())
+
+
+def test_singular_anchor_block_is_handled_by_the_pseudo_inverse() -> None:
+    scores = np.ones((4, 10))  # rank 1: every anchor block is singular
+    matrix = cur_item_matrix(scores, np.array([0, 1, 2]))
+    assert np.isfinite(matrix).all()
+    np.testing.assert_allclose(np.ones(3) @ matrix, np.ones(10), atol=1e-9)
+
+
+def test_biencoder_rerank_baseline_spends_rerank_k_calls(cross_encoder) -> None:
+    hits, calls = biencoder_rerank_search(cross_encoder, cross_encoder, ITEMS, QUERIES[:3], top_k=5, rerank_k=60)
+    assert calls == [60, 60, 60]
+    assert [[h["corpus_id"] for h in row] for row in hits] == _exact_top(cross_encoder, QUERIES[:3], 5)
+
+
+class NaNCrossEncoder(LowRankCrossEncoder):
+    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
+        scores = super().predict(pairs)
+        scores[1] = np.nan
+        return scores
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_anchor_items": 61, "anchor_queries": QUERIES[:3]}, "exceeds the number of items"),
+        ({"n_anchor_items": 0, "anchor_queries": QUERIES[:3]}, "`n_anchor_items`"),
+        ({"anchor_queries": []}, "`anchor_queries`"),
+        ({}, "Pass `anchor_queries`"),
+        ({"anchor_queries": QUERIES[:3], "anchor_strategy": "kmeans"}, "needs an `embedder`"),
+        ({"anchor_queries": QUERIES[:3], "anchor_strategy": "best"}, "`anchor_strategy`"),
+        ({"anchor_queries": ["query 1", "  "]}, r"`anchor_queries\[1\]`"),
+    ],
+)
+def test_bad_build_arguments_raise(cross_encoder, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CURIndex.build(cross_encoder, ITEMS, show_progress_bar=False, **{"n_anchor_items": 5, **kwargs})
+
+
+def test_non_finite_scores_and_empty_queries_raise(cross_encoder) -> None:
+    with pytest.raises(ValueError, match="non-finite score"):
+        CURIndex.build(NaNCrossEncoder(ITEMS + QUERIES), ITEMS, anchor_queries=QUERIES[:3], n_anchor_items=3,
+                       show_progress_bar=False)  # fmt: skip
+    index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:3], n_anchor_items=3, show_progress_bar=False)
+    with pytest.raises(ValueError, match="`queries`"):
+        index.search([])
+    with pytest.raises(ValueError, match="top_k"):
+        index.search(["query 1"], top_k=10, rerank_k=5)
+
+
+@pytest.mark.slow
+def test_cur_on_the_real_minilm_cross_encoder_and_stsb_sentences() -> None:
+    from sentence_transformers import CrossEncoder
+
+    from hf_ext import load_stsb, minilm_path
+
+    warnings.simplefilter("ignore")
+    cross_encoder = CrossEncoder(str(minilm_path()), num_labels=1)  # the real MiniLM encoder, a fresh head
+    data = load_stsb("validation")
+    items = list(dict.fromkeys(data["sentence1"]))[:150]
+    queries = list(dict.fromkeys(data["sentence2"]))[:30]
+    index = CURIndex.build(cross_encoder, items, anchor_queries=queries[:20], n_anchor_items=20, batch_size=64,
+                           show_progress_bar=False)  # fmt: skip
+    hits, calls = index.search(queries[20:], top_k=5, rerank_k=150)
+    exact = []
+    for query in queries[20:]:
+        scores = cross_encoder.predict([(query, item) for item in items], batch_size=64)
+        exact.append(np.argsort(-scores, kind="stable")[:5].tolist())
+    assert top_k_overlap(hits, exact, 5) == 1.0 and calls == [150] * 10
