@@ -23,20 +23,25 @@ from .assets import (
     minilm_path,
     smollm2_path,
 )
+from .data import BucketPadCollator, default_buckets
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
 from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, tvd_loss
 from .optim import ProjectedAdamW, create_projected_optimizer
-from .trainers import TVDConfig, TVDTrainer, tvd_compute_loss_func
+from .retrieval import CURIndex
+from .trainers import RecompileCounter, TVDConfig, TVDTrainer, tvd_compute_loss_func
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BBC_NEWS_LABELS",
     "STSB_SPLITS",
+    "BucketPadCollator",
+    "CURIndex",
     "CachedCoSENTLoss",
     "CoSENTLoss",
     "CrossEncoderCoSENTLoss",
     "ProjectedAdamW",
+    "RecompileCounter",
     "TVDConfig",
     "TVDTrainer",
     "__version__",
@@ -47,6 +52,7 @@ __all__ = [
     "cache_dir",
     "cosent_loss",
     "create_projected_optimizer",
+    "default_buckets",
     "get_rank",
     "get_world_size",
     "is_distributed",

@@ -333,3 +333,23 @@ def test_train_tvd_with_compile_on_pads_to_buckets_without_warnings(tiny_bert_di
         results = train_tvd.main(*train_tvd.parse_args(argv))
     assert not [w for w in caught if "length buckets" in str(w.message) or "graphs, more than" in str(w.message)]
     assert 1 <= results["compiled_graphs"] <= 3 and 0 <= results["test"]["accuracy"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- build_cur_index
+
+
+def test_build_cur_index_builds_saves_and_queries_with_a_progress_bar(tiny_bert_dir: Path, tmp_path: Path, capsys):
+    import build_cur_index
+
+    from hf_ext.retrieval import CURIndex
+
+    args = build_cur_index.CURRecipeArguments(
+        cross_encoder=str(tiny_bert_dir), max_items=40, n_anchor_queries=8, n_anchor_items=6, rerank_k=10,
+        output_dir=str(tmp_path / "index"), queries=["A man is playing a guitar."],
+    )  # fmt: skip
+    result = build_cur_index.main(args)
+    assert result["n_items"] == 40 and result["queries"][0]["calls"] <= 16
+    assert len(result["queries"][0]["hits"]) == 5
+    assert "CUR: anchor queries x items" in capsys.readouterr().err  # the tqdm bar
+    loaded = CURIndex.from_pretrained(str(tmp_path / "index"))
+    assert len(loaded.items) == 40 and len(list((tmp_path / "index" / "anchor_rows").glob("*.npy"))) == 8

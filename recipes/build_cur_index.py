@@ -1,0 +1,92 @@
+"""Build a CUR (ANNCUR) index over a corpus for a cross-encoder, then answer a few queries with it.
+
+Launch (defaults: the unique STS-B train + dev sentences; a cross-encoder trained by
+``recipes/train_cosent.py --model_type cross``, or any CrossEncoder folder / Hub id):
+
+    python recipes/build_cur_index.py --cross_encoder outputs/cosent-cross --output_dir outputs/cur-index
+    python recipes/build_cur_index.py --cross_encoder cross-encoder/stsb-distilroberta-base \\
+        --corpus my_sentences.txt --n_anchor_items 200 --anchor_strategy kmeans
+
+Scoring the anchor queries against every item is the long part (a progress bar; rows are checkpointed under
+``<output_dir>/anchor_rows`` so an interrupted build resumes). The index is saved with ``save_pretrained`` (load it
+with ``CURIndex.from_pretrained``; ``push_to_hub`` uploads it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sentence_transformers import CrossEncoder, SentenceTransformer
+from transformers import HfArgumentParser
+
+from hf_ext import load_stsb, minilm_path
+from hf_ext.retrieval import CURIndex
+
+
+@dataclass
+class CURRecipeArguments:
+    cross_encoder: str | None = field(
+        default=None, metadata={"help": "CrossEncoder folder or Hub id. Default: the embedded MiniLM, fresh head."}
+    )
+    corpus: str | None = field(default=None, metadata={"help": "A text file, one item per line. Default: STS-B."})
+    max_items: int | None = field(default=None, metadata={"help": "Use only the first N items."})
+    n_anchor_queries: int = field(default=100, metadata={"help": "Anchor queries, drawn from the corpus."})
+    n_anchor_items: int = field(default=100, metadata={"help": "Anchor items."})
+    anchor_strategy: str = field(default="random", metadata={"help": "`random` or `kmeans` (MiniLM embeddings)."})
+    queries: list[str] = field(default_factory=list, metadata={"help": "Queries to answer after building."})
+    top_k: int = field(default=5, metadata={"help": "Hits per query."})
+    rerank_k: int = field(default=50, metadata={"help": "Items re-scored exactly per query."})
+    batch_size: int = field(default=64, metadata={"help": "Cross-encoder batch size."})
+    output_dir: str = field(default="outputs/cur-index", metadata={"help": "Where the index is saved."})
+    seed: int = field(default=0, metadata={"help": "Seed of the anchor draws."})
+
+    def __post_init__(self) -> None:
+        if self.max_items is not None and self.max_items < 2:
+            raise ValueError(f"`max_items` must be >= 2, got {self.max_items}.")
+
+
+def load_corpus(args: CURRecipeArguments) -> list[str]:
+    if args.corpus is not None:
+        path = Path(args.corpus)
+        if not path.is_file():
+            raise ValueError(f"`corpus` must be a text file with one item per line, got {args.corpus!r}.")
+        items = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        items = []
+        for split in ("train", "validation"):
+            data = load_stsb(split)
+            items += list(data["sentence1"]) + list(data["sentence2"])
+    items = list(dict.fromkeys(items))
+    return items[: args.max_items] if args.max_items else items
+
+
+def main(args: CURRecipeArguments) -> dict:
+    items = load_corpus(args)
+    cross_encoder = CrossEncoder(args.cross_encoder or str(minilm_path()), num_labels=1)
+    embedder = SentenceTransformer(str(minilm_path())) if args.anchor_strategy == "kmeans" else None
+    output = Path(args.output_dir)
+    print(f"{len(items)} items; {args.n_anchor_queries} anchor queries x {len(items)} items to score")
+    index = CURIndex.build(
+        cross_encoder, items, n_anchor_queries=min(args.n_anchor_queries, len(items)), query_pool=items,
+        n_anchor_items=min(args.n_anchor_items, len(items)), anchor_strategy=args.anchor_strategy, embedder=embedder,
+        batch_size=args.batch_size, checkpoint_dir=output / "anchor_rows", seed=args.seed,
+    )  # fmt: skip
+    index.save_pretrained(output)
+    queries = args.queries or random.Random(args.seed).sample(items, min(3, len(items)))
+    hits, calls = index.search(queries, top_k=args.top_k, rerank_k=min(args.rerank_k, len(items)))
+    results = []
+    for query, query_hits, spent in zip(queries, hits, calls, strict=True):
+        print(f"\n{query}  ({spent} cross-encoder calls instead of {len(items)})")
+        for hit in query_hits:
+            print(f"  {hit['score']:8.3f}  {items[hit['corpus_id']]}")
+        results.append({"query": query, "hits": query_hits, "calls": spent})
+    (output / "example_queries.json").write_text(json.dumps(results, indent=2))
+    print(f"\nIndex saved to {output} (CURIndex.from_pretrained({str(output)!r}, cross_encoder=...))")
+    return {"n_items": len(items), "queries": results}
+
+
+if __name__ == "__main__":
+    main(*HfArgumentParser(CURRecipeArguments).parse_args_into_dataclasses())
