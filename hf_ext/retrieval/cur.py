@@ -4,7 +4,7 @@ Offline, anchor queries ``V`` are scored against every item (``R``, ``|V| x N``)
 ``pinv(R[:, U]) @ R`` (``|U| x N``) is stored, ``U`` being the anchor items. Online, a query is scored against the
 anchor items only (``c``, ``|U|`` calls), all ``N`` scores are approximated by ``c @ item_matrix``, and the best
 ``rerank_k`` are re-scored exactly: ``|U| + rerank_k`` calls (fewer: anchor items among the candidates are
-already scored) instead of ``N``.
+already scored) instead of ``N``; the top-k comes from every exactly scored item (candidates and anchors).
 
 Example:
 
@@ -272,7 +272,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             todo = [i for i in candidates if i not in exact]
             exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
                              strict=True))  # fmt: skip
-            ranked = sorted(candidates, key=lambda i: (-exact[i], i))[:top_k]
+            ranked = sorted(exact, key=lambda i: (-exact[i], i))[:top_k]  # candidates and anchors: all scored exactly
             all_hits.append([{"corpus_id": i, "score": float(exact[i])} for i in ranked])
             all_calls.append(len(anchors) + len(todo))
         return all_hits, all_calls
