@@ -76,6 +76,22 @@ def _knn_mask(similarity: Tensor, k: int) -> Tensor:
     return above | (equal & (equal.cumsum(dim=1) <= need))
 
 
+def _knn_indices(similarity: Tensor, k: int) -> Tensor:
+    """Column indices of each row's ``k`` largest entries (flattened); boundary ties go to the lowest indices.
+
+    One ``topk(k + 1)``; only rows whose k-th and (k+1)-th values tie (rare with real embeddings) take the slower
+    exact tie-breaking mask.
+    """
+    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    if values.shape[1] == k:
+        return indices.flatten()
+    tied = values[:, k - 1] == values[:, k]
+    if not bool(tied.any()):
+        return indices[:, :k].flatten()
+    mask_rows = _knn_mask(similarity[tied], k).nonzero(as_tuple=True)[1]
+    return torch.cat([indices[~tied, :k].flatten(), mask_rows])
+
+
 def k_occurrence(x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 2048) -> Tensor:
     """N_k: for every point, how many other points have it among their ``k`` nearest neighbours (self excluded).
 
@@ -87,12 +103,16 @@ def k_occurrence(x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 20
     n = x.shape[0]
     _check_k(k, n)
     counts = torch.zeros(n, dtype=torch.long, device=x.device)
+    # Per row only the order matters: for euclidean, -|a - b|² ranks like 2 a·b - |b|² (|a|² is constant per row).
+    squared = x.square().sum(1) if metric == "euclidean" else None
     for start in range(0, n, chunk_size):
         rows = x[start : start + chunk_size]
-        similarity = _similarity(rows, x, metric)
+        similarity = rows @ x.T
+        if squared is not None:
+            similarity = 2 * similarity - squared[None, :]
         index = torch.arange(rows.shape[0], device=x.device)
         similarity[index, start + index] = -torch.inf  # self excluded
-        counts += _knn_mask(similarity, k).sum(dim=0)
+        counts += torch.bincount(_knn_indices(similarity, k), minlength=n)
     return counts
 
 

@@ -1,0 +1,218 @@
+"""Embedding geometry on real data: hubness reduction and geodesic similarity vs cosine; k-occurrence speed.
+
+    python benchmarks/geometry.py                 # everything (minutes on 2 CPU cores; the 50k timing dominates)
+    python benchmarks/geometry.py --parts bbc sts # the retrieval and STS parts only
+    python benchmarks/geometry.py --table         # the README table from the results file
+
+Parts (results go to benchmarks/results/geometry.json; the PNG beside it):
+
+- ``bbc``: the embedded all-MiniLM-L6-v2 embeds BBC News titles (queries) and bodies (corpus, the first 256 tokens);
+  title -> body retrieval, the right body being the title's own article: recall@1 / @10 and MRR with cosine, CSLS,
+  mutual proximity (normal and empiric), local scaling and geodesic similarity; k-skewness of the corpus's
+  k-occurrence (k = 10) under cosine and of the queries' top-10 lists under each score (how often each body is
+  returned).
+- ``sts``: STS-B test Spearman of cosine vs geodesic similarity, the geodesic graph built (unsupervised) over the
+  test split's unique sentences.
+- ``speed``: `k_occurrence` vs scikit-learn's ``NearestNeighbors(n_neighbors=k+1).kneighbors`` (brute force, the
+  same exact counts) on N = 10k and 50k Gaussian points of dimension 384, k = 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import skew, spearmanr
+
+from hf_ext import load_bbc_news, load_stsb, minilm_path
+from hf_ext.retrieval import (
+    GeodesicSimilarity,
+    csls_scores,
+    hubness_report,
+    k_occurrence,
+    local_scaling,
+    mutual_proximity,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _retrieval_metrics(scores: np.ndarray) -> dict[str, float]:
+    """Query i's right answer is corpus item i."""
+    right = scores[np.arange(len(scores)), np.arange(len(scores))]
+    rank = (scores > right[:, None]).sum(axis=1)  # 0 = first
+    top10 = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    returned = np.bincount(top10.ravel(), minlength=scores.shape[1])
+    return {"recall1": float((rank == 0).mean()), "recall10": float((rank < 10).mean()),
+            "mrr": float((1.0 / (rank + 1)).mean()), "returned_skewness": float(skew(returned))}  # fmt: skip
+
+
+def bbc(data: dict, model) -> None:
+    articles = load_bbc_news()
+    titles = list(articles["title"])
+    bodies = list(articles["text"])
+    model.max_seq_length = 256
+    q = torch.as_tensor(model.encode(titles, batch_size=64, show_progress_bar=True, convert_to_numpy=True))
+    c = torch.as_tensor(model.encode(bodies, batch_size=32, show_progress_bar=True, convert_to_numpy=True))
+    qn, cn = q / q.norm(dim=1, keepdim=True), c / c.norm(dim=1, keepdim=True)
+    scores = {
+        "cosine": (qn @ cn.T).numpy(),
+        "csls": csls_scores(q, c, k=10).numpy(),
+        "mutual_proximity_normal": mutual_proximity(q, c, method="normal").numpy(),
+        "mutual_proximity_empiric": mutual_proximity(q, c, method="empiric").numpy(),
+        "local_scaling": local_scaling(q, c, k=10).numpy(),
+    }
+    start = time.perf_counter()
+    geodesic = GeodesicSimilarity(k=10).fit(c)
+    scores["geodesic"] = geodesic.query_similarity(q)
+    geodesic_seconds = time.perf_counter() - start
+    results = {name: _retrieval_metrics(s) for name, s in scores.items()}
+    results["corpus_hubness_cosine"] = hubness_report(c, k=10)
+    results["n_articles"] = len(titles)
+    results["geodesic_seconds"] = geodesic_seconds
+    results["geodesic_components"] = geodesic.n_components
+    data["bbc"] = results
+    print(json.dumps({k: v for k, v in results.items() if isinstance(v, dict)}, indent=1), flush=True)
+
+
+def sts(data: dict, model) -> None:
+    test = load_stsb("test")
+    sentences = list(dict.fromkeys(list(test["sentence1"]) + list(test["sentence2"])))
+    position = {s: i for i, s in enumerate(sentences)}
+    emb = torch.as_tensor(model.encode(sentences, batch_size=64, convert_to_numpy=True))
+    a = np.array([position[s] for s in test["sentence1"]])
+    b = np.array([position[s] for s in test["sentence2"]])
+    en = emb / emb.norm(dim=1, keepdim=True)
+    cosine = (en[a] * en[b]).sum(1).numpy()
+    gold = np.asarray(test["score"], dtype=float)
+    result = {"pairs": len(a), "sentences": len(sentences), "cosine_spearman": float(spearmanr(cosine, gold)[0])}
+    for k in (5, 10, 20):
+        geodesic = GeodesicSimilarity(k=k).fit(emb)
+        result[f"geodesic_k{k}_spearman"] = float(spearmanr(geodesic.pair_similarity(a, b), gold)[0])
+        result[f"geodesic_k{k}_components"] = geodesic.n_components
+    data["sts"] = result
+    print(result, flush=True)
+
+
+def speed(data: dict, sizes: list[int], k: int = 10, dim: int = 384) -> None:
+    from sklearn.neighbors import NearestNeighbors
+
+    rows = {}
+    for n in sizes:
+        x = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        ours = k_occurrence(x, k, metric="euclidean")
+        ours_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        neighbours = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x.numpy())
+        index = neighbours.kneighbors(x.numpy(), return_distance=False)
+        sklearn_seconds = time.perf_counter() - start
+        counts = np.zeros(n, dtype=np.int64)
+        for row, neighbours_of in enumerate(index):
+            others = [j for j in neighbours_of if j != row][:k]
+            np.add.at(counts, others, 1)
+        rows[str(n)] = {"ours_seconds": ours_seconds, "sklearn_seconds": sklearn_seconds,
+                        "speedup": sklearn_seconds / ours_seconds,
+                        "identical_counts": bool(np.array_equal(ours.numpy(), counts)),
+                        "differing_points": int((ours.numpy() != counts).sum())}  # fmt: skip
+        print(f"[speed] N={n}: {rows[str(n)]}", flush=True)
+    data["speed"] = {"k": k, "dim": dim, "device": "cpu", "threads": torch.get_num_threads(), "rows": rows}
+
+
+def summarize(data: dict) -> dict:
+    s: dict = {}
+    if "bbc" in data:
+        b = data["bbc"]
+        for name, key in (("cosine", "cosine"), ("csls", "csls"), ("mutual_proximity_normal", "mp"),
+                          ("local_scaling", "ls"), ("geodesic", "geodesic")):  # fmt: skip
+            s[f"{key}_recall1"] = b[name]["recall1"]
+            s[f"{key}_kskew"] = b[name]["returned_skewness"]
+        s["mp_empiric_recall1"] = b["mutual_proximity_empiric"]["recall1"]
+        s["corpus_k10_skewness"] = b["corpus_hubness_cosine"]["k_skewness"]
+        s["csls_recall1_gain_points"] = 100 * (s["csls_recall1"] - s["cosine_recall1"])
+    if "sts" in data:
+        s["sts_cosine_spearman"] = data["sts"]["cosine_spearman"]
+        s["sts_geodesic_spearman"] = data["sts"]["geodesic_k10_spearman"]
+    if "speed" in data:
+        rows = data["speed"]["rows"]
+        for n, r in rows.items():
+            s[f"kocc_speedup_vs_sklearn_{int(n) // 1000}k"] = r["speedup"]
+            s[f"kocc_identical_{int(n) // 1000}k"] = r["identical_counts"]
+    return s
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    if "bbc" in data:
+        names = [n for n, v in data["bbc"].items() if isinstance(v, dict) and "recall1" in v]
+        axes[0].bar(names, [data["bbc"][n]["recall1"] for n in names])
+        axes[0].set_title("BBC title -> body recall@1 (MiniLM)")
+        axes[1].bar(names, [data["bbc"][n]["returned_skewness"] for n in names])
+        axes[1].set_title("skewness of how often each body is in a top-10")
+        for ax in axes[:2]:
+            ax.tick_params(axis="x", rotation=30)
+    if "sts" in data:
+        keys = ["cosine_spearman"] + [k for k in data["sts"] if k.startswith("geodesic") and k.endswith("spearman")]
+        axes[2].bar(keys, [data["sts"][k] for k in keys])
+        axes[2].set_ylim(min(data["sts"][k] for k in keys) - 0.05, 1.0)
+        axes[2].set_title("STS-B test Spearman")
+        axes[2].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(data: dict) -> str:
+    s = data["summary"]
+    lines = ["| BBC title -> body (MiniLM) | recall@1 | top-10 skewness |", "|---|---|---|"]
+    for key, label in (("cosine", "cosine"), ("csls", "CSLS (k=10)"), ("mp", "mutual proximity (normal)"),
+                       ("ls", "local scaling (k=10)"), ("geodesic", "geodesic (k=10)")):  # fmt: skip
+        if f"{key}_recall1" in s:
+            lines.append(f"| {label} | {s[f'{key}_recall1']:.3f} | {s[f'{key}_kskew']:.2f} |")
+    if "sts_cosine_spearman" in s:
+        lines.append(f"\nSTS-B test Spearman: cosine {s['sts_cosine_spearman']:.4f}, geodesic (k=10) "
+                     f"{s['sts_geodesic_spearman']:.4f}.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["bbc", "sts", "speed"], choices=["bbc", "sts", "speed"])
+    parser.add_argument("--speed_sizes", nargs="+", type=int, default=[10000, 50000])
+    parser.add_argument("--output", type=Path, default=RESULTS / "geometry.json")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    data = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    if args.table:
+        print(table(data))
+        return
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    for part in args.parts:
+        if part == "bbc":
+            bbc(data, model)
+        elif part == "sts":
+            sts(data, model)
+        else:
+            speed(data, args.speed_sizes)
+        data["summary"] = summarize(data)
+        ordered = {"summary": data.pop("summary"), **data}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(ordered, indent=2))
+        data = ordered
+    plot(data, args.output.with_suffix(".png"))
+    print(json.dumps(data["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
