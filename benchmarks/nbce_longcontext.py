@@ -233,6 +233,10 @@ def needle(data: dict, out: Path, model, tokenizer, args) -> None:
     window = model.config.max_position_embeddings
     budget = window - args.max_new_tokens
     cases = data.setdefault("needle_cases", {})
+    previous = data.get("needle_config")
+    if previous and (previous["dtype"], previous["context_tokens"]) != (args.dtype, args.context_tokens):
+        raise SystemExit(f"{out} holds needle cases run with {previous}: use the same --dtype / --context_tokens or "
+                         "another --output.")  # fmt: skip
     data["needle_config"] = {
         "context_tokens": args.context_tokens,
         "max_new_tokens": args.max_new_tokens,

@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--update_interval", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, choices=[1, 2],
+                        help="learning rates per method to run (the first of each before any second)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS / "projected_optimizer.json")
     parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "LR"), help=argparse.SUPPRESS)
@@ -268,7 +270,7 @@ def main() -> None:
     data["config"] = config
     runs = data.setdefault("runs", {})
     first = True
-    for lr_index in range(2):  # every method's first learning rate before any second one
+    for lr_index in range(args.rounds):  # every method's first learning rate before any second one
         for method in args.methods:
             lr = LEARNING_RATES[method][lr_index]
             key = f"{method}/{lr:g}"
