@@ -89,8 +89,8 @@ def test_every_shipped_config_loads_with_accelerates_own_loader() -> None:
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
 
 
-@pytest.mark.parametrize("name", ["cpu", "bf16_compile", "fsdp_bf16_compile"])
-def test_cli_prints_the_path_of_an_existing_config(name: str) -> None:
+def test_cli_prints_the_path_of_an_existing_config() -> None:
+    name = "bf16_compile"  # every name resolves through the same function: test_every_shipped_config_loads...
     import shutil
 
     commands = [[sys.executable, "-m", "hf_ext.cli", "config", name]]

@@ -166,13 +166,13 @@ def test_cur_on_the_real_minilm_cross_encoder_and_stsb_sentences() -> None:
     warnings.simplefilter("ignore")
     cross_encoder = CrossEncoder(str(minilm_path()), num_labels=1)  # the real MiniLM encoder, a fresh head
     data = load_stsb("validation")
-    items = list(dict.fromkeys(data["sentence1"]))[:150]
-    queries = list(dict.fromkeys(data["sentence2"]))[:30]
-    index = CURIndex.build(cross_encoder, items, anchor_queries=queries[:20], n_anchor_items=20, batch_size=64,
+    items = list(dict.fromkeys(data["sentence1"]))[:80]
+    queries = list(dict.fromkeys(data["sentence2"]))[:18]
+    index = CURIndex.build(cross_encoder, items, anchor_queries=queries[:12], n_anchor_items=12, batch_size=64,
                            show_progress_bar=False)  # fmt: skip
-    hits, calls = index.search(queries[20:], top_k=5, rerank_k=150)
+    hits, calls = index.search(queries[12:], top_k=5, rerank_k=80)
     exact = []
-    for query in queries[20:]:
+    for query in queries[12:]:
         scores = cross_encoder.predict([(query, item) for item in items], batch_size=64)
         exact.append(np.argsort(-scores, kind="stable")[:5].tolist())
-    assert top_k_overlap(hits, exact, 5) == 1.0 and calls == [150] * 10
+    assert top_k_overlap(hits, exact, 5) == 1.0 and calls == [80] * 6
