@@ -227,12 +227,13 @@ def plot(data: dict, path: Path) -> None:
 def table(data: dict) -> str:
     s = data.get("summary", {})
     lines = ["| setting (same run) | accuracy | NLL | ECE |", "|---|---|---|---|"]
+    runs = data.get("classification_runs", {})
     for noise in NOISES:
-        tag = f"noise{int(noise * 10):02d}"
         for method in METHODS:
-            if f"{tag}_{method}_accuracy" in s:
-                lines.append(f"| noise {noise}, {method} | {s[f'{tag}_{method}_accuracy']:.4f} | "
-                             f"{s[f'{tag}_{method}_nll']:.4f} | {s[f'{tag}_{method}_ece']:.4f} |")  # fmt: skip
+            cells = [_mean_std(runs, f"{method}/noise{noise}", metric) for metric in ("accuracy", "nll", "ece")]
+            if cells[0] is not None:
+                text = " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd, _ in cells)
+                lines.append(f"| noise {noise}, {method} ({cells[0][2]} seeds) | {text} |")
     if "lm_ce_ppl" in s and "lm_tvd_ppl" in s:
         lines.append(f"| SmolLM2 on BBC text: perplexity CE {s['lm_ce_ppl']:.2f} vs TVD {s['lm_tvd_ppl']:.2f} | | | |")
     if "step_time_ratio" in s:
