@@ -199,8 +199,9 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = data.get("classification_runs", {})
-    fig, axes = plt.subplots(1, len(NOISES) + 1, figsize=(5 * (len(NOISES) + 1), 4.5))
-    for ax, noise in zip(axes, NOISES, strict=False):
+    noises = [n for n in NOISES if any(k.split("/")[1] == f"noise{n}" for k in runs)] or NOISES
+    fig, axes = plt.subplots(1, len(noises) + 1, figsize=(5 * (len(noises) + 1), 4.5))
+    for ax, noise in zip(axes, noises, strict=False):
         ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
         for method in METHODS:
             seed_runs = [r for k, r in runs.items() if k.startswith(f"{method}/noise{noise}/")]
@@ -217,7 +218,7 @@ def plot(data: dict, path: Path) -> None:
     for method in METHODS:
         xs = [n for n in NOISES if f"noise{int(n * 10):02d}_{method}_ece" in summary]
         axes[-1].plot(xs, [summary[f"noise{int(n * 10):02d}_{method}_ece"] for n in xs], "o-", label=method)
-    axes[-1].set_title("test ECE vs training label noise")
+    axes[-1].set_title("test ECE vs training label noise (mean over seeds)")
     axes[-1].set_xlabel("label noise")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
