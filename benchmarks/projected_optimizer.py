@@ -36,8 +36,8 @@ LEARNING_RATES = {
     "adamw": [2e-5, 5e-5],
     "lora": [2e-4, 5e-4],
     "galore": [5e-5, 2e-4],
-    "projected_random": [2e-5, 5e-5],
-    "projected_svd": [2e-5, 5e-5],
+    "projected_random": [2e-5, 5e-5, 2e-4],  # a third, larger rate: a rank-64 subspace moves less per step
+    "projected_svd": [2e-5, 5e-5, 2e-4],
 }
 
 
@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--update_interval", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, choices=[1, 2],
+    parser.add_argument("--rounds", type=int, default=3, choices=[1, 2, 3],
                         help="learning rates per method to run (the first of each before any second)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS / "projected_optimizer.json")
     parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
@@ -272,6 +272,8 @@ def main() -> None:
     first = True
     for lr_index in range(args.rounds):  # every method's first learning rate before any second one
         for method in args.methods:
+            if lr_index >= len(LEARNING_RATES[method]):
+                continue
             lr = LEARNING_RATES[method][lr_index]
             key = f"{method}/{lr:g}"
             if key in runs:
