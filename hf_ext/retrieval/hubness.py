@@ -161,26 +161,45 @@ def corpus_neighbourhood(corpus, k: int = 10, *, metric: str = "cosine", chunk_s
     return torch.cat(out)
 
 
-def csls_scores(queries, corpus, k: int = 10, *, corpus_r: Tensor | None = None) -> Tensor:
+def _reference_similarity(corpus: Tensor, reference) -> Tensor:
+    """``(N, R)`` cosines of each corpus point to the reference points (the query distribution)."""
+    ref = _prepare(_as_matrix(reference, "reference"), "cosine", "reference").to(corpus.device)
+    if ref.shape[1] != corpus.shape[1]:
+        raise ValueError(f"`reference` has dimension {ref.shape[1]} but `corpus` has {corpus.shape[1]}.")
+    return corpus @ ref.T
+
+
+def csls_scores(
+    queries, corpus, k: int = 10, *, corpus_r: Tensor | None = None, reference: Tensor | None = None
+) -> Tensor:
     """CSLS: ``2 cos(q, d) - r_q - r_d`` (Conneau et al., 2018), a ``(queries, corpus)`` matrix, higher is better.
 
     ``r_q`` is the query's mean cosine to its ``k`` nearest corpus points; ``r_d`` the corpus point's mean cosine to
-    its ``k`` nearest other corpus points (the corpus stands in for the query distribution, so a single query can
-    be scored); pass ``corpus_r`` (`corpus_neighbourhood`) to reuse it across calls.
+    its ``k`` nearest ``reference`` points: a sample of the queries, as in the CSLS paper (use it when queries and
+    corpus differ, e.g. titles vs bodies). Without ``reference`` the other corpus points stand in for the queries.
+    Pass ``corpus_r`` (`corpus_neighbourhood`) to reuse ``r_d`` across calls.
     """
     q, c = _pair(queries, corpus, "cosine")
     _check_k(k, c.shape[0] + 1)
     similarity = q @ c.T
-    r_d = corpus_neighbourhood(c, k) if corpus_r is None else corpus_r.to(similarity)
+    if corpus_r is not None:
+        r_d = corpus_r.to(similarity)
+    elif reference is not None:
+        r_d = _mean_top_k(_reference_similarity(c, reference), k)
+    else:
+        r_d = corpus_neighbourhood(c, k)
     return 2 * similarity - _mean_top_k(similarity, k)[:, None] - r_d[None, :]
 
 
-def mutual_proximity(queries, corpus, *, method: str = "normal", max_empiric: int = 20000) -> Tensor:
+def mutual_proximity(
+    queries, corpus, *, method: str = "normal", max_empiric: int = 20000, reference: Tensor | None = None
+) -> Tensor:
     """Mutual proximity (Schnitzer et al., 2012): ``P(S_q < s) * P(S_d < s)`` for the cosine ``s`` of (q, d).
 
-    ``S_q`` is the distribution of q's cosines to the corpus, ``S_d`` that of d's cosines to the other corpus
-    points. ``normal`` fits a Gaussian to each (O(N) memory); ``empiric`` counts (the corpus x corpus cosines,
-    O(N²) memory: refused above ``max_empiric`` points). A ``(queries, corpus)`` matrix in [0, 1], higher is better.
+    ``S_q`` is the distribution of q's cosines to the corpus, ``S_d`` that of d's cosines to the ``reference`` points
+    (a sample of the queries; by default the other corpus points). ``normal`` fits a Gaussian to each (O(N)
+    memory); ``empiric`` counts (the corpus x reference cosines, O(N x R) memory: refused above ``max_empiric``
+    corpus points). A ``(queries, corpus)`` matrix in [0, 1], higher is better.
     """
     q, c = _pair(queries, corpus, "cosine")
     if method not in ("normal", "empiric"):
@@ -191,20 +210,29 @@ def mutual_proximity(queries, corpus, *, method: str = "normal", max_empiric: in
     similarity = q @ c.T  # (queries, N)
     if method == "normal":
         mu_q, sd_q = similarity.mean(1, keepdim=True), similarity.std(1, keepdim=True)
-        mu_d, sd_d = _corpus_moments(c)
+        if reference is not None:
+            ref_sim = _reference_similarity(c, reference)
+            mu_d, sd_d = ref_sim.mean(1), ref_sim.std(1)
+        else:
+            mu_d, sd_d = _corpus_moments(c)
         normal = torch.distributions.Normal(0.0, 1.0)
         return normal.cdf((similarity - mu_q) / sd_q.clamp_min(1e-12)) * normal.cdf(
             (similarity - mu_d[None, :]) / sd_d[None, :].clamp_min(1e-12)
         )
-    if n > max_empiric:
+    if n > max_empiric and reference is None:
         raise ValueError(f"`method='empiric'` needs a {n} x {n} matrix: use method='normal' or raise `max_empiric`.")
-    corpus_sim = c @ c.T
-    corpus_sim.fill_diagonal_(torch.inf)  # self excluded: sorted last, never counted below s
-    sorted_d = corpus_sim.sort(dim=1).values  # (N, N), the last column is +inf
+    if reference is not None:
+        sorted_d = _reference_similarity(c, reference).sort(dim=1).values  # (N, R)
+        count_d = sorted_d.shape[1]
+    else:
+        corpus_sim = c @ c.T
+        corpus_sim.fill_diagonal_(torch.inf)  # self excluded: sorted last, never counted below s
+        sorted_d = corpus_sim.sort(dim=1).values  # (N, N), the last column is +inf
+        count_d = n - 1
     # P(S_q < s): the share of q's cosines to the corpus below s (q's own cosine to d is never below itself)
     p_q = torch.searchsorted(similarity.sort(dim=1).values, similarity, right=False).double() / n
     below_d = torch.searchsorted(sorted_d, similarity.T.contiguous(), right=False).T  # (queries, N): d's cosines < s
-    p_d = below_d.double() / (n - 1)
+    p_d = below_d.double() / count_d
     return (p_q * p_d).float()
 
 
@@ -222,14 +250,18 @@ def _corpus_moments(c: Tensor, chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def local_scaling(queries, corpus, k: int = 10) -> Tensor:
+def local_scaling(queries, corpus, k: int = 10, *, reference: Tensor | None = None) -> Tensor:
     """Local scaling (Zelnik-Manor & Perona): ``exp(-d² / (sigma_q sigma_d))`` with ``d = 1 - cos`` and sigma the
-    distance to the ``k``-th nearest corpus point (other corpus points for d). ``(queries, corpus)``, in (0, 1]."""
+    distance to the ``k``-th nearest corpus point (for d: nearest ``reference`` point, by default other corpus
+    points). ``(queries, corpus)``, in (0, 1]."""
     q, c = _pair(queries, corpus, "cosine")
     _check_k(k, c.shape[0] + 1)
     distance = 1 - q @ c.T
     sigma_q = distance.topk(k, dim=1, largest=False).values[:, -1]
-    sigma_d = 1 - _kth_corpus_similarity(c, k)
+    if reference is not None:
+        sigma_d = 1 - _reference_similarity(c, reference).topk(k, dim=1).values[:, -1]
+    else:
+        sigma_d = 1 - _kth_corpus_similarity(c, k)
     return torch.exp(-distance.square() / (sigma_q[:, None] * sigma_d[None, :]).clamp_min(1e-12))
 
 

@@ -140,3 +140,21 @@ def test_hub_sample_keeps_only_hubs_and_returns_exactly_n() -> None:
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_reference_query_sample_defines_the_corpus_neighbourhoods() -> None:
+    g = torch.Generator().manual_seed(6)
+    q, c, ref = torch.randn(3, 6, generator=g), torch.randn(10, 6, generator=g), torch.randn(15, 6, generator=g)
+    qn, cn, rn = (t / t.norm(dim=1, keepdim=True) for t in (q, c, ref))
+    cos = qn @ cn.T
+    to_ref = cn @ rn.T  # (corpus, reference)
+    r_d = to_ref.topk(4, dim=1).values.mean(1)
+    expected = 2 * cos - cos.topk(4, dim=1).values.mean(1)[:, None] - r_d[None, :]
+    torch.testing.assert_close(csls_scores(q, c, 4, reference=ref), expected)
+    p_d = (to_ref[None, :, :] < cos[:, :, None]).double().mean(2)
+    p_q = (cos[:, None, :] < cos[:, :, None]).double().mean(2)
+    torch.testing.assert_close(mutual_proximity(q, c, method="empiric", reference=ref), (p_q * p_d).float())
+    sigma_d = 1 - to_ref.topk(2, dim=1).values[:, -1]
+    sigma_q = (1 - cos).sort(dim=1).values[:, 1]
+    expected_ls = torch.exp(-((1 - cos) ** 2) / (sigma_q[:, None] * sigma_d[None, :]))
+    torch.testing.assert_close(local_scaling(q, c, 2, reference=ref), expected_ls)
