@@ -27,6 +27,7 @@ torch.Size([2, 32])
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,8 +68,8 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 def pad_to_bucket(batch: dict[str, Any], buckets: Sequence[int], pad_token_id: int, side: str = "right") -> dict:
     """Pad every ``(batch, seq)`` tensor of ``batch`` (those of ``input_ids``' length) to the bucket of that length.
 
-    ``input_ids`` get ``pad_token_id``, ``labels`` -100, masks 0 (see `PAD_VALUES`); ``side`` is the tokenizer's
-    padding side.
+    ``input_ids`` get ``pad_token_id``, ``labels`` -100, masks 0 (see `PAD_VALUES`); other keys (e.g. multi-label
+    targets that happen to have the same width) are left alone. ``side`` is the tokenizer's padding side.
     """
     buckets = _check_buckets(buckets)
     if side not in ("left", "right"):
@@ -80,9 +81,10 @@ def pad_to_bucket(batch: dict[str, Any], buckets: Sequence[int], pad_token_id: i
     extra = bucket_for(length, buckets) - length
     if extra == 0:
         return batch
-    padded = dict(batch)
+    padded = copy.copy(batch)  # keeps a BatchEncoding a BatchEncoding
     for key, value in batch.items():
-        if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[1] != length:
+        sequence_key = key in ("input_ids", "position_ids") or key in PAD_VALUES or key.endswith("_mask")
+        if not sequence_key or not isinstance(value, Tensor) or value.dim() != 2 or value.shape[1] != length:
             continue
         fill = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
         pad = torch.full((value.shape[0], extra), fill, dtype=value.dtype, device=value.device)

@@ -150,15 +150,31 @@ class ProjectedAdamW(Optimizer):
                         "(exact AdamW)."
                     )
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with a callable ``projection`` replaced by the marker ``"callable"`` (tensors, strings
+        and numbers only, so ``torch.load(weights_only=True)`` works); `load_state_dict` puts the callable back."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            if callable(group.get("projection")):
+                group["projection"] = "callable"
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        callables = [group["projection"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, projection in zip(self.param_groups, callables, strict=True):
+            if group["projection"] == "callable":
+                if not callable(projection):
+                    raise ValueError("The state was saved with a callable `projection`: build the optimizer with it.")
+                group["projection"] = projection
         # torch casts every floating state tensor to its parameter's dtype; moments stay float32 and counters exact.
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         for pid, param in zip(saved_ids, params, strict=True):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+                if isinstance(value, Tensor):  # counters stay on the CPU (no device sync when read each step)
+                    device = "cpu" if key in ("step", "period") else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -189,12 +205,14 @@ class ProjectedAdamW(Optimizer):
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            dtype = torch.float64 if param.dtype == torch.float64 else torch.float32  # never below float32
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        work = param if param.dtype == torch.float32 else param.float()
-        grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
+        exact = param.dtype in (torch.float32, torch.float64)  # low-precision weights: update an fp32 copy
+        work = param if exact else param.float()
+        grad = param.grad if param.grad.dtype == work.dtype else param.grad.to(work.dtype)
         state["step"] += 1
         step = float(state["step"])
         work.mul_(1 - lr * group["weight_decay"])
@@ -255,10 +273,11 @@ class ProjectedAdamW(Optimizer):
         step_size = lr / (1 - beta1**step)
         denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
         normalized = state["exp_avg"] / denom  # (rank, cols) or (rows, rank)
-        work = param if param.dtype == torch.float32 else param.float()
+        work = param if param.dtype in (torch.float32, torch.float64) else param.float()
         if group["weight_decay"]:
             work.mul_(1 - lr * group["weight_decay"])
         # W -= step * P N (left) or N Pᵀ (right), fused into one in-place matmul-add (no full-size temporary)
+        basis, normalized = basis.to(work.dtype), normalized.to(work.dtype)
         pair = (basis, normalized) if side == "left" else (normalized, basis.T)
         work.addmm_(*pair, alpha=-step_size * group["scale"])
         if work is not param:

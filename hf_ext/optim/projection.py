@@ -24,13 +24,11 @@ torch.Size([64, 256])
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 SIDES = ("left", "right")
-# Large odd multipliers that spread (seed, index, period) over the 63-bit seed space without collisions in practice.
-_INDEX_STRIDE = 1_000_003
-_PERIOD_STRIDE = 7_919
 
 
 def projection_side(shape: torch.Size | tuple[int, ...]) -> str:
@@ -44,7 +42,8 @@ def side_length(shape: torch.Size | tuple[int, ...], side: str) -> int:
 
 
 def _seed_of(seed: int, index: int, period: int) -> int:
-    return (seed * _INDEX_STRIDE * _PERIOD_STRIDE + index * _PERIOD_STRIDE + period) % (2**63 - 1)
+    """A generator seed from the three numbers, well mixed (no collisions between (index, period) pairs)."""
+    return int(np.random.SeedSequence([seed, index, period]).generate_state(1, np.uint64)[0]) % (2**63 - 1)
 
 
 def random_basis(side: int, rank: int, *, seed: int, index: int, period: int, device: torch.device | str) -> Tensor:

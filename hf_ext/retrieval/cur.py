@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,7 +190,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             batch_size (`int`, *optional*, defaults to `64`): cross-encoder batch size.
             show_progress_bar (`bool`, *optional*, defaults to `True`): a bar over the anchor queries.
             checkpoint_dir (`str`, *optional*): each anchor query's row of scores is saved there as it is computed
-                and reused by a later call, so an interrupted build resumes.
+                and reused by a later call with the same query, items and cross-encoder, so an interrupted build
+                resumes.
             seed (`int`, *optional*, defaults to `0`): seed of the anchor draws.
         """
         items = _check_items(items, "items")
@@ -219,18 +222,24 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+        # A row's file name carries a digest of its query, the items and the cross-encoder, so a rerun with other
+        # inputs never reuses it; rows are written to a temporary file and renamed (a killed write leaves no row).
+        context = hashlib.sha1("\n".join(items).encode() + str(cross_encoder_name(cross_encoder)).encode()).hexdigest()
         rows = []
         for index, query in enumerate(tqdm(anchor_queries, desc="CUR: anchor queries x items",
                                            disable=not show_progress_bar)):  # fmt: skip
-            path = folder / f"row_{index:06d}.npy" if folder is not None else None
+            path = None
+            if folder is not None:
+                digest = hashlib.sha1(f"{context}\0{query}".encode()).hexdigest()[:16]
+                path = folder / f"row_{index:06d}_{digest}.npy"
             if path is not None and path.is_file():
                 row = np.load(path)
-                if row.shape != (len(items),):
-                    raise ValueError(f"{path} holds {row.shape[0]} scores for {len(items)} items: another corpus?")
             else:
                 row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
                 if path is not None:
-                    np.save(path, row)
+                    partial = path.with_suffix(".partial.npy")
+                    np.save(partial, row)
+                    os.replace(partial, path)
             rows.append(row)
         scores = np.stack(rows)  # R: (|V|, N)
         item_matrix = cur_item_matrix(scores, anchor_ids, rcond)

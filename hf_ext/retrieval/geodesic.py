@@ -56,7 +56,7 @@ class GeodesicSimilarity:
 
     def graph(self, corpus) -> csr_matrix:
         """The symmetric kNN graph (``N x N`` sparse, weights ``1 - cos``; an edge if either end chose the other)."""
-        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus")
+        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()  # scipy works on host arrays
         n = c.shape[0]
         _check_k(self.k, n)
         rows, cols, weights = [], [], []
@@ -75,7 +75,7 @@ class GeodesicSimilarity:
 
     def fit(self, corpus) -> GeodesicSimilarity:
         """Build the graph over ``corpus`` (``(N, dim)``) and all-pairs geodesic distances (``N x N`` float64)."""
-        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus")
+        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()
         graph = self.graph(c)
         n = c.shape[0]
         self.n_components, labels = connected_components(graph, directed=False)
@@ -108,7 +108,7 @@ class GeodesicSimilarity:
         """``(queries, N)`` similarities of new points: ``-min over their k nearest corpus points i of
         (1 - cos(q, i) + D(i, ·))``."""
         distances = self._fitted()
-        q = _prepare(_as_matrix(queries, "queries"), self.metric, "queries")
+        q = _prepare(_as_matrix(queries, "queries"), self.metric, "queries").cpu()
         if q.shape[1] != self.corpus.shape[1]:
             raise ValueError(f"`queries` have dimension {q.shape[1]} but the corpus has {self.corpus.shape[1]}.")
         similarity = q @ self.corpus.T

@@ -161,11 +161,13 @@ def corpus_neighbourhood(corpus, k: int = 10, *, metric: str = "cosine", chunk_s
     return torch.cat(out)
 
 
-def _reference_similarity(corpus: Tensor, reference) -> Tensor:
+def _reference_similarity(corpus: Tensor, reference, k: int = 1) -> Tensor:
     """``(N, R)`` cosines of each corpus point to the reference points (the query distribution)."""
     ref = _prepare(_as_matrix(reference, "reference"), "cosine", "reference").to(corpus.device)
     if ref.shape[1] != corpus.shape[1]:
         raise ValueError(f"`reference` has dimension {ref.shape[1]} but `corpus` has {corpus.shape[1]}.")
+    if ref.shape[0] < max(2, k):
+        raise ValueError(f"`reference` needs at least max(2, k) = {max(2, k)} points, got {ref.shape[0]}.")
     return corpus @ ref.T
 
 
@@ -185,7 +187,7 @@ def csls_scores(
     if corpus_r is not None:
         r_d = corpus_r.to(similarity)
     elif reference is not None:
-        r_d = _mean_top_k(_reference_similarity(c, reference), k)
+        r_d = _mean_top_k(_reference_similarity(c, reference, k), k)
     else:
         r_d = corpus_neighbourhood(c, k)
     return 2 * similarity - _mean_top_k(similarity, k)[:, None] - r_d[None, :]
@@ -211,7 +213,7 @@ def mutual_proximity(
     if method == "normal":
         mu_q, sd_q = similarity.mean(1, keepdim=True), similarity.std(1, keepdim=True)
         if reference is not None:
-            ref_sim = _reference_similarity(c, reference)
+            ref_sim = _reference_similarity(c, reference, 2)
             mu_d, sd_d = ref_sim.mean(1), ref_sim.std(1)
         else:
             mu_d, sd_d = _corpus_moments(c)
@@ -219,10 +221,13 @@ def mutual_proximity(
         return normal.cdf((similarity - mu_q) / sd_q.clamp_min(1e-12)) * normal.cdf(
             (similarity - mu_d[None, :]) / sd_d[None, :].clamp_min(1e-12)
         )
-    if n > max_empiric and reference is None:
-        raise ValueError(f"`method='empiric'` needs a {n} x {n} matrix: use method='normal' or raise `max_empiric`.")
+    size = n * (n if reference is None else _as_matrix(reference, "reference").shape[0])
+    if size > max_empiric**2:
+        raise ValueError(
+            f"`method='empiric'` needs a matrix of {size} cosines: use method='normal' or raise `max_empiric`."
+        )
     if reference is not None:
-        sorted_d = _reference_similarity(c, reference).sort(dim=1).values  # (N, R)
+        sorted_d = _reference_similarity(c, reference, 2).sort(dim=1).values  # (N, R)
         count_d = sorted_d.shape[1]
     else:
         corpus_sim = c @ c.T
@@ -255,11 +260,11 @@ def local_scaling(queries, corpus, k: int = 10, *, reference: Tensor | None = No
     distance to the ``k``-th nearest corpus point (for d: nearest ``reference`` point, by default other corpus
     points). ``(queries, corpus)``, in (0, 1]."""
     q, c = _pair(queries, corpus, "cosine")
-    _check_k(k, c.shape[0] + 1)
+    _check_k(k, c.shape[0])  # sigma_d: the k-th nearest *other* corpus point
     distance = 1 - q @ c.T
     sigma_q = distance.topk(k, dim=1, largest=False).values[:, -1]
     if reference is not None:
-        sigma_d = 1 - _reference_similarity(c, reference).topk(k, dim=1).values[:, -1]
+        sigma_d = 1 - _reference_similarity(c, reference, k).topk(k, dim=1).values[:, -1]
     else:
         sigma_d = 1 - _kth_corpus_similarity(c, k)
     return torch.exp(-distance.square() / (sigma_q[:, None] * sigma_d[None, :]).clamp_min(1e-12))
@@ -335,10 +340,12 @@ def hub_sample(
     kept: list[Tensor] = []
     total = 0
     for _ in range(max_rounds):
-        batch = _as_matrix(sample_fn(reference_size), "sample_fn(reference_size)")
+        drawn = sample_fn(reference_size)
+        batch = _as_matrix(drawn, "sample_fn(reference_size)")
         if batch.shape[0] != reference_size:
             raise ValueError(f"`sample_fn({reference_size})` returned {batch.shape[0]} rows.")
-        hubs = batch[k_occurrence(batch, k, metric=metric) >= threshold]
+        keep = k_occurrence(batch, k, metric=metric) >= threshold
+        hubs = torch.as_tensor(drawn)[keep.to(torch.as_tensor(drawn).device)]  # the draws as sampled (dtype kept)
         kept.append(hubs)
         total += hubs.shape[0]
         if total >= n:

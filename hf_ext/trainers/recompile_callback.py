@@ -7,8 +7,6 @@ import warnings
 
 from transformers import TrainerCallback
 
-from ..data.buckets import BucketPadCollator
-
 
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process so far (dynamo's ``unique_graphs`` counter)."""
@@ -32,7 +30,8 @@ class RecompileCounter(TrainerCallback):
     """Count compilations during training; warn once when they exceed the expected number of shapes.
 
     With compile on and a collator that is not a `BucketPadCollator`, it warns once at the start of training with
-    the fix. The count is kept in ``self.count`` and added to each ``state.log_history`` entry as
+    the fix. Evaluation (another mode) and a last, smaller batch add graphs too: pass ``expected`` to allow for
+    them. The count is kept in ``self.count`` and added to each ``state.log_history`` entry as
     ``compiled_graphs``.
 
     Args:
@@ -55,13 +54,15 @@ class RecompileCounter(TrainerCallback):
         self._start = 0
         self._warned = False
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
         self._start = compiled_graphs()
         self._warned = False
         collator = _collator_of(train_dataloader) if train_dataloader is not None else None
+        # sentence-transformers models pad inside the model (hf_ext.data.bucket_sentence_transformer)
+        buckets = getattr(collator, "buckets", None) or getattr(model, "length_buckets", None)
         if self.expected is None:
-            self.expected = len(collator.buckets) if isinstance(collator, BucketPadCollator) else 1
-        if compile_enabled(args) and train_dataloader is not None and not isinstance(collator, BucketPadCollator):
+            self.expected = len(buckets) if buckets else 1
+        if compile_enabled(args) and train_dataloader is not None and not buckets:
             warnings.warn(
                 "torch.compile is on but batches are not padded to length buckets: every new sequence length "
                 "recompiles the model. Wrap the collator: `BucketPadCollator(collator, default_buckets(max_length))` "

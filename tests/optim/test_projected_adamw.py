@@ -307,3 +307,22 @@ def test_fsdp_sharded_weights_in_a_projected_group_are_refused() -> None:
     with pytest.raises(ValueError, match="sharded"):
         ProjectedAdamW([{"params": [flat], "rank": 4}])
     ProjectedAdamW([{"params": [flat]}])  # without `rank`: exact AdamW, accepted
+
+
+def test_float64_weights_are_not_rounded_and_a_callable_projection_survives_weights_only_loading() -> None:
+    def identity(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+        return torch.eye(grad.shape[0] if side == "left" else grad.shape[1])[:, :rank]
+
+    model = _mlp(dtype=torch.float64)
+    with torch.no_grad():
+        model[0].bias.fill_(1 + 1e-12)
+    optimizer = ProjectedAdamW(_groups(model, rank=3, projection=identity), lr=0.0, weight_decay=0.0)
+    _train(model, optimizer, _batches(2))
+    assert model[0].bias[0].item() == 1 + 1e-12  # lr 0: untouched, not rounded through float32
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = ProjectedAdamW(_groups(model, rank=3, projection=identity), lr=0.0, weight_decay=0.0)
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert reloaded.param_groups[0]["projection"] is identity
+    assert reloaded.state[model[0].weight]["step"].device.type == "cpu"

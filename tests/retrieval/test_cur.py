@@ -176,3 +176,14 @@ def test_cur_on_the_real_minilm_cross_encoder_and_stsb_sentences() -> None:
         scores = cross_encoder.predict([(query, item) for item in items], batch_size=64)
         exact.append(np.argsort(-scores, kind="stable")[:5].tolist())
     assert top_k_overlap(hits, exact, 5) == 1.0 and calls == [80] * 6
+
+
+def test_checkpoint_rows_of_other_queries_or_items_are_not_reused(cross_encoder, tmp_path) -> None:
+    CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:3], n_anchor_items=3, show_progress_bar=False,
+                   checkpoint_dir=tmp_path / "rows")  # fmt: skip
+    calls = cross_encoder.calls
+    other = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[3:6], n_anchor_items=3,
+                           show_progress_bar=False, checkpoint_dir=tmp_path / "rows")  # fmt: skip
+    assert cross_encoder.calls == calls + 3 * len(ITEMS)  # scored afresh, not read from the first build's rows
+    fresh = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[3:6], n_anchor_items=3, show_progress_bar=False)
+    np.testing.assert_array_equal(other.item_matrix, fresh.item_matrix)
