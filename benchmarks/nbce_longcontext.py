@@ -188,10 +188,8 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_new_tokens: int) -> dict:
-    """NBCE answers for every pooling from one shared prefill (its KV cache copied per pooling)."""
-    batch = {k: v.to(model.device) for k, v in nbce_batch(tokenizer, contexts, question).items()}
-    start = time.perf_counter()
+def prefill_all_but_last(model, batch: dict) -> DynamicCache:
+    """The KV cache of every token but the last of a left-padded batch; `generate` continues from a copy of it."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(
@@ -202,6 +200,14 @@ def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_
             use_cache=True,
             logits_to_keep=1,
         )
+    return cache
+
+
+def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_new_tokens: int) -> dict:
+    """NBCE answers for every pooling from one shared prefill (its KV cache copied per pooling)."""
+    batch = {k: v.to(model.device) for k, v in nbce_batch(tokenizer, contexts, question).items()}
+    start = time.perf_counter()
+    cache = prefill_all_but_last(model, batch)
     prefill = time.perf_counter() - start
     results = {"prompt_tokens": int(batch["attention_mask"].sum()), "rows": int(batch["input_ids"].shape[0])}
     for pooling in POOLINGS:
@@ -370,16 +376,7 @@ def speed(data: dict, out: Path, model, tokenizer, args) -> None:
     for n in (4, 16, 48):
         batch = nbce_batch(tokenizer, contexts_for(case, n), case["question"])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
-            model(
-                input_ids=batch["input_ids"][:, :-1],
-                attention_mask=batch["attention_mask"][:, :-1],
-                position_ids=_positions(batch["attention_mask"][:, :-1]),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        cache = prefill_all_but_last(model, batch)
         times: dict[str, list[float]] = {"plain": [], "nbce": []}
         for repeat in range(args.speed_repetitions):
             for name in ("plain", "nbce") if repeat % 2 == 0 else ("nbce", "plain"):
