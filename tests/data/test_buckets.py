@@ -68,3 +68,18 @@ def test_sentence_transformer_tokenize_pads_to_buckets(minilm) -> None:
     torch.testing.assert_close(bucketed, plain, rtol=1e-4, atol=1e-5)  # padding is masked out
     with pytest.raises(ValueError, match="max_seq_length"):
         bucket_sentence_transformer(copy.deepcopy(minilm), (16, 32))
+
+
+@pytest.mark.parametrize(("max_length", "count"), [(4, 3), (128, 0)])
+def test_default_buckets_rejects_a_tiny_max_length_or_count(max_length: int, count: int) -> None:
+    with pytest.raises(ValueError, match="`max_length` must be >= 8 and `count` >= 1"):
+        default_buckets(max_length, count)
+
+
+def test_lm_blocks_and_sample_limits_reject_nonsense(tokenizer) -> None:
+    from hf_ext.data import bbc_lm_data, lm_blocks
+
+    with pytest.raises(ValueError, match="`block_size` must be >= 2"):
+        lm_blocks(["some text"], tokenizer, 1)
+    with pytest.raises(ValueError, match="sample limit must be >= 1"):
+        bbc_lm_data(tokenizer, 32, max_eval_blocks=0)

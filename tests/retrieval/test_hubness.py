@@ -158,3 +158,9 @@ def test_a_reference_query_sample_defines_the_corpus_neighbourhoods() -> None:
     sigma_q = (1 - cos).sort(dim=1).values[:, 1]
     expected_ls = torch.exp(-((1 - cos) ** 2) / (sigma_q[:, None] * sigma_d[None, :]))
     torch.testing.assert_close(local_scaling(q, c, 2, reference=ref), expected_ls)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"n": 0}, "`n`"), ({"n": 2, "threshold": 0}, "`threshold`")])
+def test_hub_sample_rejects_bad_counts(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        hub_sample(lambda m: torch.randn(m, 4), reference_size=50, **kwargs)
