@@ -1,22 +1,27 @@
 """ProjectedAdamW vs torch AdamW, peft LoRA and GaLore: held-out loss, optimizer state, peak memory, step time.
 
-    python benchmarks/projected_optimizer.py                  # every method x its learning rates (resumable)
-    python benchmarks/projected_optimizer.py --steps 40       # shorter runs
+    python benchmarks/projected_optimizer.py                  # sweep + speed (resumable; about 1 h on 2 CPU cores)
+    python benchmarks/projected_optimizer.py --parts speed    # only the interleaved step-time measurement
     python benchmarks/projected_optimizer.py --table          # the README table from the results file
 
-One run = the embedded SmolLM2-135M fine-tuned on BBC article text (blocks of ``--block_size`` tokens, the same
-batches in the same order for every run) for ``--steps`` optimizer steps with the stock `Trainer`, then evaluated on
-held-out blocks. Methods, each with a small learning-rate sweep (the best held-out loss is reported):
+Part ``sweep``: one run = the embedded SmolLM2-135M fine-tuned on BBC article text (blocks of ``--block_size``
+tokens, the same batches in the same order for every run) for ``--steps`` optimizer steps with the stock `Trainer`,
+then evaluated on held-out blocks. Methods, each with a small learning-rate sweep (the best held-out loss is
+reported):
 
 - ``adamw``: `torch.optim.AdamW` on every weight (the stock Trainer's ``adamw_torch``);
 - ``lora``: peft LoRA (rank ``--rank``, alpha = rank, all linear layers) + AdamW;
 - ``galore``: GaLore through transformers' ``optim="galore_adamw"`` (rank ``--rank``, the same
   ``update_proj_gap`` as our interval, scale 0.25; needs ``pip install galore-torch`` for the benchmark only);
-- ``projected_random`` / ``projected_svd``: `hf_ext.optim.ProjectedAdamW` on all linear layers at ``--rank``.
+- ``projected_random`` / ``projected_svd``: `hf_ext.optim.ProjectedAdamW` at ``--rank`` on every linear layer
+  (`PROJECTED_TARGETS`: attention and MLP projections and the LM head, tied with the embedding in SmolLM2).
 
 Every run is its own process (so its peak memory is its own): optimizer-state bytes (summed from the state tensors,
 GaLore's stored projection matrices included), peak memory of training (CPU: growth of the peak resident set;
 CUDA: `torch.cuda.max_memory_allocated`), median step time, the loss curve.
+
+Part ``speed`` (`speed`): AdamW and both projections step the same model in turn in one process; the projected
+step-time ratios in the summary come from it (separate processes differ by up to 20% on a shared CPU).
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LEARNING_RATES = {
-    "adamw": [2e-5, 5e-5],
-    "lora": [2e-4, 5e-4],
-    "galore": [5e-5, 2e-4],
-    "projected_random": [2e-5, 5e-5, 2e-4],  # a third, larger rate: a rank-64 subspace moves less per step
-    "projected_svd": [2e-5, 5e-5, 2e-4],
+LEARNING_RATES = {  # each best rate of a first sweep was its largest, so every sweep goes one step higher
+    "adamw": [2e-5, 5e-5, 1e-4],
+    "lora": [2e-4, 5e-4, 1e-3],
+    "galore": [5e-5, 2e-4, 5e-4],
+    "projected_random": [2e-4, 5e-4, 1e-3],  # a rank-64 subspace moves less per step than the full weight
+    "projected_svd": [2e-4, 5e-4, 1e-3],
 }
+# Every linear layer: the attention and MLP projections and the LM head (in SmolLM2 tied with the input embedding,
+# which is then projected too: left at full AdamW it alone held 226 of 318 MiB of state in a first sweep)
+PROJECTED_TARGETS = r"lm_head|.*_proj"
 
 
 def _status(key: str) -> int:
@@ -85,6 +93,7 @@ def child(method: str, lr: float, args: argparse.Namespace) -> dict:
                               max_eval_blocks=args.eval_blocks)  # fmt: skip
     optimizers = (None, None)
     extra: dict = {}
+    extra_result: dict = {}
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -94,10 +103,11 @@ def child(method: str, lr: float, args: argparse.Namespace) -> dict:
         extra = {"optim": "galore_adamw", "optim_target_modules": [r".*_proj"],
                  "optim_args": f"rank={args.rank}, update_proj_gap={args.update_interval}, scale=0.25"}  # fmt: skip
     elif method.startswith("projected_"):
-        optimizer = create_projected_optimizer(model.to(device), rank=args.rank, lr=lr, weight_decay=0.0,
-                                               projection=method.split("_", 1)[1],
+        optimizer = create_projected_optimizer(model.to(device), target_modules=PROJECTED_TARGETS, rank=args.rank,
+                                               lr=lr, weight_decay=0.0, projection=method.split("_", 1)[1],
                                                update_interval=args.update_interval)  # fmt: skip
         optimizers = (optimizer, None)
+        extra_result = {"target_modules": PROJECTED_TARGETS}
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -148,7 +158,66 @@ def child(method: str, lr: float, args: argparse.Namespace) -> dict:
         "train_loss_curve": curve,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": device,
+        **extra_result,
     }
+
+
+def speed(args: argparse.Namespace) -> dict:
+    """Train-step time of AdamW and ProjectedAdamW (random, svd) on one SmolLM2, interleaved in one process.
+
+    Separate processes (the sweep's runs) differ by up to 20% in speed on a shared CPU, more than the effect
+    measured, so the ratios come from here: each round runs forward, backward and one optimizer's step for every
+    optimizer in turn (the order rotated each round) on the same model and batch; ``2 x update_interval`` timed
+    rounds after one warm-up, so basis changes happen at their real rate (the mean includes them).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_ext import smollm2_path
+    from hf_ext.data import bbc_lm_data
+    from hf_ext.optim import create_projected_optimizer
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).to(device).train()
+    train, _ = bbc_lm_data(tokenizer, args.block_size, max_train_blocks=args.batch_size, max_eval_blocks=1)
+    ids = torch.tensor(train["input_ids"][: args.batch_size], device=device)
+    optimizers = {"adamw": torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)}
+    for projection in ("random", "svd"):
+        optimizers[f"projected_{projection}"] = create_projected_optimizer(
+            model, target_modules=PROJECTED_TARGETS, rank=args.rank, lr=1e-5, weight_decay=0.0,
+            projection=projection, update_interval=args.update_interval)  # fmt: skip
+    names = list(optimizers)
+    step_times: dict[str, list[float]] = {name: [] for name in names}
+    optimizer_times: dict[str, list[float]] = {name: [] for name in names}
+
+    def clock() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    rounds = 1 + 2 * args.update_interval
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = clock()
+            model(input_ids=ids, labels=ids).loss.backward()
+            middle = clock()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            end = clock()
+            if round_index:  # the first round is warm-up
+                step_times[name].append(end - start)
+                optimizer_times[name].append(end - middle)
+        print(f"[projected] speed round {round_index + 1}/{rounds}", flush=True)
+    result: dict = {"rounds": rounds - 1, "device": device}
+    for name in names:
+        result[name] = {"mean_step_seconds": statistics.mean(step_times[name]),
+                        "median_step_seconds": statistics.median(step_times[name]),
+                        "mean_optimizer_step_seconds": statistics.mean(optimizer_times[name]),
+                        "step_seconds": step_times[name]}  # fmt: skip
+    return result
 
 
 def summarize(data: dict) -> dict:
@@ -176,7 +245,17 @@ def summarize(data: dict) -> dict:
                     summary[f"{key}_ratio_vs_adamw_{name}"] = run[field] / adamw[field]
         if "projected_random" in best:
             summary["state_bytes_ratio_vs_adamw"] = summary["state_bytes_ratio_vs_adamw_projected"]
-            summary["step_time_ratio_vs_adamw"] = summary["step_time_ratio_vs_adamw_projected"]
+    speed = data.get("speed")
+    if speed:  # projected step times from the interleaved measurement, not from the separate runs
+        for method, name in (("projected_random", "projected"), ("projected_svd", "projected_svd")):
+            summary[f"step_time_ratio_vs_adamw_{name}"] = (
+                speed[method]["mean_step_seconds"] / speed["adamw"]["mean_step_seconds"]
+            )
+            summary[f"optimizer_step_ratio_vs_adamw_{name}"] = (
+                speed[method]["mean_optimizer_step_seconds"] / speed["adamw"]["mean_optimizer_step_seconds"]
+            )
+        summary["step_time_ratio_vs_adamw"] = summary["step_time_ratio_vs_adamw_projected"]
+        summary["mean_step_seconds_interleaved_adamw"] = speed["adamw"]["mean_step_seconds"]
     if "initial_eval_loss" in data:
         summary["eval_loss_before_training"] = data["initial_eval_loss"]
     return summary
@@ -232,23 +311,29 @@ def table(data: dict) -> str:
         def ratio(key: str, name: str = name) -> str:
             return f" ({s[f'{key}_ratio_vs_adamw_{name}']:.2f}x)" if name != "adamw" else ""
 
+        step = f"{s[f'median_step_seconds_{name}']:.2f} s"
+        if name.startswith("projected") and "mean_step_seconds_interleaved_adamw" in s:
+            step = f"{s[f'step_time_ratio_vs_adamw_{name}']:.2f}x AdamW (interleaved)"
+        elif name != "adamw":
+            step += ratio("step_time")
         lines.append(
             f"| {label} ({s[f'best_lr_{name}']:g}) | {s[f'eval_loss_{name}']:.4f}{ratio('eval_loss')} | "
-            f"{s[f'state_bytes_{name}'] / 2**20:.0f} MiB{ratio('state_bytes')} | "
-            f"{s[f'median_step_seconds_{name}']:.2f} s{ratio('step_time')} | {s[f'peak_train_mib_{name}']:.0f} MiB |"
+            f"{s[f'state_bytes_{name}'] / 2**20:.0f} MiB{ratio('state_bytes')} | {step} | "
+            f"{s[f'peak_train_mib_{name}']:.0f} MiB |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["sweep", "speed"], choices=["sweep", "speed"])
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--update_interval", type=int, default=20)
+    parser.add_argument("--update_interval", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, choices=[1, 2, 3],
                         help="learning rates per method to run (the first of each before any second)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS / "projected_optimizer.json")
@@ -270,7 +355,7 @@ def main() -> None:
     data["config"] = config
     runs = data.setdefault("runs", {})
     first = True
-    for lr_index in range(args.rounds):  # every method's first learning rate before any second one
+    for lr_index in range(args.rounds if "sweep" in args.parts else 0):  # every method's first learning rate before any second one
         for method in args.methods:
             if lr_index >= len(LEARNING_RATES[method]):
                 continue
@@ -294,6 +379,8 @@ def main() -> None:
                   f"{result['optimizer_state_bytes'] / 2**20:.0f} MiB, step {result['median_step_seconds']:.2f} s",
                   flush=True)  # fmt: skip
             _save(args.output, data)
+    if "speed" in args.parts:
+        data["speed"] = speed(args)
     _save(args.output, data)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))

@@ -4,9 +4,11 @@ A 2-D gradient ``G`` of shape ``(rows, cols)`` is projected on its shorter side 
 ``P`` of shape ``(side, rank)``: ``R = Pᵀ G`` (``rows <= cols``, "left") or ``R = G P`` ("right"), and an update
 ``N`` computed in that space is mapped back with ``P N`` or ``N Pᵀ``. Two bases:
 
-- random: Gaussian, orthonormalised by QR, regenerated from ``(seed, parameter index, period)`` at each use, so
-  nothing is stored and every process draws the same basis without communication (the Flora idea);
-- svd: the top ``rank`` singular vectors of the current gradient (GaLore's choice), stored by the optimizer.
+- random: Gaussian, orthonormalised by QR, drawn from ``(seed, parameter index, period)``, so every process draws
+  the same basis without communication (the Flora idea);
+- svd: the top ``rank`` singular vectors of the current gradient (GaLore's choice).
+
+The optimizer makes one basis per weight and period and keeps it in its state.
 
 Example:
 

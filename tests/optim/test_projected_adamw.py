@@ -115,7 +115,10 @@ def test_projected_training_converges_steadily_and_keeps_rank_sized_state(projec
     assert all(later < earlier for earlier, later in zip(losses[29::30], losses[59::30], strict=False))
     assert optimizer.state[model[0].weight]["exp_avg"].shape == (64, 4)  # 64x32: right side
     assert optimizer.state[model[2].weight]["exp_avg"].shape == (4, 64)  # 32x64: left side
-    assert ("basis" in optimizer.state[model[0].weight]) == (projection == "svd")
+    assert optimizer.state[model[0].weight]["basis"].shape == (32, 4)
+    if projection == "random":  # parameter 0, period 14: drawn from the seed, as every DDP rank draws it
+        expected = random_basis(32, 4, seed=0, index=0, period=14, device="cpu")
+        assert torch.equal(optimizer.state[model[0].weight]["basis"], expected)
     full_adamw = sum(2 * p.numel() * 4 for p in model.parameters())
     assert optimizer_state_bytes(optimizer) < 0.25 * full_adamw
 
