@@ -355,7 +355,8 @@ def main() -> None:
     data["config"] = config
     runs = data.setdefault("runs", {})
     first = True
-    for lr_index in range(args.rounds if "sweep" in args.parts else 0):  # every method's first learning rate before any second one
+    # every method's first learning rate before any second one
+    for lr_index in range(args.rounds if "sweep" in args.parts else 0):
         for method in args.methods:
             if lr_index >= len(LEARNING_RATES[method]):
                 continue
