@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import child_env, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,14 +45,6 @@ SPEED_BATCHES = [64, 1024, 16384]
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _save(path: Path, data: dict) -> None:
-    data["summary"] = summarize(data)
-    ordered = {"summary": data.pop("summary"), **data}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ordered, indent=2))
-    data.update(ordered)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -103,7 +96,7 @@ def train_runs(data: dict, out: Path, model_type: str, losses: list[str], seeds:
                 "train_pairs": result["train_pairs"],
                 "extra_args": extra,
             }
-            _save(out, data)
+            save_results(out, data, summarize)
 
 
 def _mean_std(runs: dict, loss: str, metric: str = "test_spearman") -> tuple[float, float, int] | None:
@@ -156,14 +149,15 @@ def speed(data: dict, out: Path, repetitions: int) -> None:
             flush=True,
         )
     data["speed"] = {"device": "cpu", "threads": torch.get_num_threads(), "rows": rows}
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 # ----------------------------------------------------------------------------------------------- memory
 
 _MEMORY_CHILD = r"""
-import json, os, resource, sys, time, torch
+import json, sys, time, torch
 from sentence_transformers import SentenceTransformer
+from _common import PeakMemory
 from hf_ext import load_stsb, minilm_path
 from hf_ext.losses import CachedCoSENTLoss, CoSENTLoss
 variant, batch = sys.argv[1], int(sys.argv[2])
@@ -175,23 +169,13 @@ loss_fn = CachedCoSENTLoss(model, mini_batch_size=32) if variant == "cached" els
 features = [model.preprocess(data["sentence1"]), model.preprocess(data["sentence2"])]
 features = [{k: v.to(model.device) if hasattr(v, "to") else v for k, v in f.items()} for f in features]
 labels = torch.tensor(data["label"], device=model.device)
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-if cuda:
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-else:
-    before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
-        f.write("5")
-start = time.perf_counter()
-loss = loss_fn(features, labels)
-loss.backward()
-seconds = time.perf_counter() - start
-peak = torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")
+with PeakMemory(model.device) as peak:
+    start = time.perf_counter()
+    loss = loss_fn(features, labels)
+    loss.backward()
+    seconds = time.perf_counter() - start
 grad_norm = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
-print("RESULT " + json.dumps({"variant": variant, "batch": batch, "peak_growth_bytes": peak - before,
+print("RESULT " + json.dumps({"variant": variant, "batch": batch, "peak_growth_bytes": peak.bytes,
       "seconds": seconds, "loss": float(loss), "grad_norm": grad_norm, "device": "cuda" if cuda else "cpu"}))
 """
 
@@ -199,7 +183,7 @@ print("RESULT " + json.dumps({"variant": variant, "batch": batch, "peak_growth_b
 def memory(data: dict, out: Path, batch: int) -> None:
     rows = {}
     for variant in ("plain", "cached"):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = child_env(HF_HUB_OFFLINE="1")
         proc = subprocess.run(
             [sys.executable, "-c", _MEMORY_CHILD, variant, str(batch)],
             capture_output=True,
@@ -220,7 +204,7 @@ def memory(data: dict, out: Path, batch: int) -> None:
     rows["peak_ratio_cached_over_plain"] = rows["cached"]["peak_growth_bytes"] / rows["plain"]["peak_growth_bytes"]
     rows["loss_abs_diff"] = abs(rows["cached"]["loss"] - rows["plain"]["loss"])
     data["memory"] = rows
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 # ----------------------------------------------------------------------------------------------- summary, plot
@@ -393,7 +377,7 @@ def main() -> None:
             loss = next((name for name, scale in CROSS_SCALES.items() if scale == best), "cosent")
         if kind in args.parts:
             train_runs(data, args.output, kind, [loss], [seed], args.train_args)
-    _save(args.output, data)
+    save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 

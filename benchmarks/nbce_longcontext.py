@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import PeakMemory, save_results
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
@@ -75,46 +76,6 @@ NAMES = [
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _save(path: Path, data: dict) -> None:
-    data["summary"] = summarize(data)
-    ordered = {"summary": data.pop("summary"), **data}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ordered, indent=2))
-    data.update(ordered)
-
-
-class PeakMemory:
-    """Peak memory growth over a block: CUDA allocator peak, or the CPU resident set's high-water mark (Linux)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.bytes = 0
-
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-            self._base = self._status("VmRSS:")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self.bytes = self._status("VmHWM:") - self._base
 
 
 def _cut(tokenizer, text: str, tokens: int) -> str:
@@ -294,7 +255,7 @@ def needle(data: dict, out: Path, model, tokenizer, args) -> None:
             for k, v in record.items()
         }
         print(f"[needle] case {index}: {line}", flush=True)
-        _save(out, data)
+        save_results(out, data, summarize)
 
 
 def _label_scores(model, cache: DynamicCache | None, ids: list[int], label_ids: list[int]) -> torch.Tensor:
@@ -365,7 +326,7 @@ def icl(data: dict, out: Path, model, tokenizer, args) -> None:
         "seconds": time.perf_counter() - start,
     }
     print(f"[icl] {data['icl']}", flush=True)
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 def speed(data: dict, out: Path, model, tokenizer, args) -> None:
@@ -403,7 +364,7 @@ def speed(data: dict, out: Path, model, tokenizer, args) -> None:
         }
         print(f"[speed] n={n}: {rows[str(n)]}", flush=True)
     data["speed"] = {"device": str(model.device), "new_tokens": args.speed_tokens, "rows": rows}
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -534,7 +495,7 @@ def main() -> None:
         icl(data, args.output, model, tokenizer, args)
     if "speed" in args.parts:
         speed(data, args.output, model, tokenizer, args)
-    _save(args.output, data)
+    save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import PeakMemory, save_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LEARNING_RATES = {  # each best rate of a first sweep was its largest, so every sweep goes one step higher
@@ -47,13 +49,6 @@ LEARNING_RATES = {  # each best rate of a first sweep was its largest, so every 
 # Every linear layer: the attention and MLP projections and the LM head (in SmolLM2 tied with the input embedding,
 # which is then projected too: left at full AdamW it alone held 226 of 318 MiB of state in a first sweep)
 PROJECTED_TARGETS = r"lm_head|.*_proj"
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _state_bytes(optimizer) -> int:
@@ -135,14 +130,8 @@ def child(method: str, lr: float, args: argparse.Namespace) -> dict:
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                           optimizers=optimizers, callbacks=[timer])  # fmt: skip
         initial_eval = trainer.evaluate()["eval_loss"] if args.eval_initial else None
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-            base = _status("VmRSS:")
-        trainer.train()
-        peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _status("VmHWM:")) - base
+        with PeakMemory(device) as peak:
+            trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
@@ -152,7 +141,7 @@ def child(method: str, lr: float, args: argparse.Namespace) -> dict:
         "eval_loss": eval_loss,
         "initial_eval_loss": initial_eval,
         "optimizer_state_bytes": _state_bytes(inner),
-        "peak_train_bytes": peak,
+        "peak_train_bytes": peak.bytes,
         "median_step_seconds": statistics.median(timer.times[2:]),
         "mean_step_seconds": statistics.mean(timer.times[2:]),
         "train_loss_curve": curve,
@@ -259,14 +248,6 @@ def summarize(data: dict) -> dict:
     if "initial_eval_loss" in data:
         summary["eval_loss_before_training"] = data["initial_eval_loss"]
     return summary
-
-
-def _save(path: Path, data: dict) -> None:
-    data["summary"] = summarize(data)
-    ordered = {"summary": data.pop("summary"), **data}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ordered, indent=2))
-    data.update(ordered)
 
 
 def plot(data: dict, path: Path) -> None:
@@ -379,10 +360,10 @@ def main() -> None:
             print(f"[projected] {key}: eval loss {result['eval_loss']:.4f}, state "
                   f"{result['optimizer_state_bytes'] / 2**20:.0f} MiB, step {result['median_step_seconds']:.2f} s",
                   flush=True)  # fmt: skip
-            _save(args.output, data)
+            save_results(args.output, data, summarize)
     if "speed" in args.parts:
         data["speed"] = speed(args)
-    _save(args.output, data)
+    save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import PeakMemory
 
 from hf_ext.data import bucket_for, default_buckets
 from hf_ext.trainers import compiled_graphs
@@ -74,25 +75,6 @@ def matmul_peak(device: str, size: int) -> float:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _peak_start(device: str) -> int:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss("VmRSS:")
-
-
-def _peak_end(device: str, base: int) -> int:
-    return (torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM:")) - base
-
-
-def _rss(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def build(kind: str, device: str, tiny: bool = False):
@@ -160,18 +142,17 @@ def run_mode(kind: str, mode: str, args, lengths: list[int], max_length: int, ba
         step(rows)
     _sync(device)
     graphs_before = compiled_graphs()
-    base = _peak_start(device)
-    start = time.perf_counter()
     real_tokens = 0
-    for rows in plan[args.warmup :]:
-        step(rows)
-        real_tokens += sum(rows)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    peak = _peak_end(device, base)
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        for rows in plan[args.warmup :]:
+            step(rows)
+            real_tokens += sum(rows)
+        _sync(device)
+        seconds = time.perf_counter() - start
     tokens_per_s = real_tokens / seconds
     return {"tokens_per_s": tokens_per_s, "seconds": seconds, "steps": args.steps, "real_tokens": real_tokens,
-            "recompiles": compiled_graphs() - graphs_before, "peak_bytes": peak, "parameters": params,
+            "recompiles": compiled_graphs() - graphs_before, "peak_bytes": peak.bytes, "parameters": params,
             "flops_per_s": 6 * params * tokens_per_s}  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import child_env, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,14 +46,6 @@ METHODS = {
 LM_METHODS = {"ce": ["--trainer", "plain"], "tvd0.5": METHODS["tvd0.5"]}
 
 
-def _save(path: Path, data: dict) -> None:
-    data["summary"] = summarize(data)
-    ordered = {"summary": data.pop("summary"), **data}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ordered, indent=2))
-    data.update(ordered)
-
-
 def _run(data: dict, out: Path, group: str, key: str, argv: list[str]) -> None:
     import train_tvd
 
@@ -65,7 +58,7 @@ def _run(data: dict, out: Path, group: str, key: str, argv: list[str]) -> None:
     result = train_tvd.main(args, config)
     shutil.rmtree(tmp, ignore_errors=True)
     runs[key] = {"test": result["test"], "train_seconds": result["train_seconds"], "argv": argv}
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 def _mean_std(runs: dict, prefix: str, metric: str) -> tuple[float, float, int] | None:
@@ -78,21 +71,16 @@ def _mean_std(runs: dict, prefix: str, metric: str) -> tuple[float, float, int] 
 _PEAK_CHILD = r"""
 import json, sys, torch
 import torch.nn.functional as F
+from _common import PeakMemory
 from hf_ext.losses import tvd_loss
 which, rows, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 logits = torch.randn(rows, vocab, requires_grad=True)
 labels = torch.randint(0, vocab, (rows,))
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-before = status("VmRSS:")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-loss = F.cross_entropy(logits, labels) if which == "ce" else tvd_loss(logits, labels, gamma=0.5, min_weight=0.2)
-loss.backward()
-print(json.dumps({"peak_growth_bytes": status("VmHWM:") - before, "logits_bytes": logits.numel() * 4}))
+with PeakMemory("cpu") as peak:
+    loss = F.cross_entropy(logits, labels) if which == "ce" else tvd_loss(logits, labels, gamma=0.5, min_weight=0.2)
+    loss.backward()
+print(json.dumps({"peak_growth_bytes": peak.bytes, "logits_bytes": logits.numel() * 4}))
 """
 
 
@@ -100,13 +88,13 @@ def memory(data: dict, out: Path, rows: int = 4096, vocab: int = 49152) -> None:
     result = {}
     for which in ("ce", "tvd"):
         proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, which, str(rows), str(vocab)],
-                              capture_output=True, text=True, check=True)  # fmt: skip
+                              capture_output=True, text=True, check=True, env=child_env())  # fmt: skip
         result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"[memory] {which}: peak growth {result[which]['peak_growth_bytes'] / 2**20:.0f} MiB", flush=True)
     result["shape"] = [rows, vocab]
     result["ratio_tvd_over_ce"] = result["tvd"]["peak_growth_bytes"] / result["ce"]["peak_growth_bytes"]
     data["memory"] = result
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 def speed(data: dict, out: Path, steps: int) -> None:
@@ -156,7 +144,7 @@ def speed(data: dict, out: Path, steps: int) -> None:
     data["speed"] = {"plain_step_seconds": plain, "tvd_step_seconds": tvd, "ratio": tvd / plain,
                      "steps_measured": {k: len(v) - 2 for k, v in times.items()}, "interleaved": True}  # fmt: skip
     print(f"[speed] Trainer {plain:.3f} s/step, TVDTrainer {tvd:.3f} s/step, ratio {tvd / plain:.3f}", flush=True)
-    _save(out, data)
+    save_results(out, data, summarize)
 
 
 def summarize(data: dict) -> dict:
@@ -280,7 +268,7 @@ def main() -> None:
                         "--per_device_train_batch_size", "8", "--max_eval_samples", "64", *method_args,
                         *args.train_args]  # fmt: skip
                 _run(data, args.output, "lm_runs", f"{method}/seed{seed}", argv)
-    _save(args.output, data)
+    save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 
