@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py --make_lengths      # once, here: real token-length samples -> JSON (committed)
     python benchmarks/throughput.py                     # CPU, small (writes throughput_cpu.json)
-    python benchmarks/throughput.py --device cuda --steps 30 --bert_batch 64 --gpt2_batch 16   # on a GPU
+    python benchmarks/throughput.py --device cuda --steps 30 --bert_batch 64 --gpt2_batch 16 --gpt2_max_length 1024
+    python benchmarks/throughput.py --table             # the README table from the CPU results (and the plot)
 
 Models with random weights at real sizes (speed does not depend on the weights, and nothing is downloaded):
 BERT-base sequence classification (``BertConfig()``) and GPT-2 small causal LM (``GPT2Config()``). Batch lengths
@@ -184,6 +185,40 @@ def summarize(data: dict) -> dict:
     return s
 
 
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [kind for kind in ("bert", "gpt2") if kind in data]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        modes = list(data[kind])
+        bars = ax.bar(modes, [data[kind][mode]["tokens_per_s"] for mode in modes])
+        for bar, mode in zip(bars, modes, strict=True):
+            ax.annotate(f"{data[kind][mode]['recompiles']} recompiles", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.set_title(f"{kind}: real tokens/s ({data['device']})")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(data: dict) -> str:
+    lines = ["| model | mode | real tokens/s | vs fp32 eager | vs compile static | recompiles | MFU |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kind in ("bert", "gpt2"):
+        runs = data.get(kind, {})
+        for mode, run in runs.items():
+            fp32 = run["tokens_per_s"] / runs["fp32_eager"]["tokens_per_s"] if "fp32_eager" in runs else float("nan")
+            static = runs.get("bf16_compile_static", {}).get("tokens_per_s", float("nan"))
+            mfu = run["flops_per_s"] / data["peak_flops"] if data.get("peak_flops") else float("nan")
+            lines.append(f"| {kind} | {mode} | {run['tokens_per_s']:.0f} | {fp32:.2f}x | "
+                         f"{run['tokens_per_s'] / static:.2f}x | {run['recompiles']} | {mfu:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make_lengths", action="store_true")
@@ -198,13 +233,19 @@ def main() -> None:
     parser.add_argument("--gpt2_max_length", type=int, default=256)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="2-layer, 64-wide models: a quick check of every mode")
+    parser.add_argument("--table", action="store_true", help="print the README table (and redraw the plot) and exit")
     args = parser.parse_args()
     if args.make_lengths:
         make_lengths()
         return
-    lengths = json.loads(LENGTHS.read_text())
     suffix = "gpu" if args.device == "cuda" else "cpu"
     out = args.output or ROOT / "benchmarks" / "results" / f"throughput_{suffix}.json"
+    if args.table:
+        data = json.loads(out.read_text())
+        plot(data, out.with_suffix(".png"))
+        print(table(data))
+        return
+    lengths = json.loads(LENGTHS.read_text())
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
     config = {k: v for k, v in vars(args).items() if k not in ("output", "make_lengths")}
     data: dict = {"device": device_name, "config": config}
@@ -221,6 +262,7 @@ def main() -> None:
             data = {"summary": summarize(data), **{k: v for k, v in data.items() if k != "summary"}}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(data, indent=2))
+    plot(data, out.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 
 
