@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakMemory
+from _common import PeakMemory, save_results
 
 from hf_ext.data import bucket_for, default_buckets
 from hf_ext.trainers import compiled_graphs
@@ -259,9 +259,7 @@ def main() -> None:
             data.setdefault(kind, {})[mode] = result
             print(f"[{kind}] {mode}: {result['tokens_per_s']:.0f} real tokens/s, {result['recompiles']} recompiles",
                   flush=True)  # fmt: skip
-            data = {"summary": summarize(data), **{k: v for k, v in data.items() if k != "summary"}}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(data, indent=2))
+            save_results(out, data, summarize)
     plot(data, out.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 

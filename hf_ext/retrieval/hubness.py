@@ -345,7 +345,8 @@ def hub_sample(
         if batch.shape[0] != reference_size:
             raise ValueError(f"`sample_fn({reference_size})` returned {batch.shape[0]} rows.")
         keep = k_occurrence(batch, k, metric=metric) >= threshold
-        hubs = torch.as_tensor(drawn)[keep.to(torch.as_tensor(drawn).device)]  # the draws as sampled (dtype kept)
+        drawn = torch.as_tensor(drawn)  # the draws as sampled (dtype kept), not the float copy scored above
+        hubs = drawn[keep.to(drawn.device)]
         kept.append(hubs)
         total += hubs.shape[0]
         if total >= n:

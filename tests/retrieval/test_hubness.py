@@ -164,3 +164,15 @@ def test_a_reference_query_sample_defines_the_corpus_neighbourhoods() -> None:
 def test_hub_sample_rejects_bad_counts(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         hub_sample(lambda m: torch.randn(m, 4), reference_size=50, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("reference", "match"),
+    [(torch.randn(15, 5), "`reference` has dimension 5"), (torch.randn(1, 6), "at least max\\(2, k\\)"),
+     (torch.full((15, 6), float("nan")), "reference")],
+)  # fmt: skip
+def test_a_bad_reference_sample_is_rejected_by_every_reduction(reference: torch.Tensor, match: str) -> None:
+    q, c = torch.randn(3, 6), torch.randn(10, 6)
+    for score, kwargs in ((csls_scores, {"k": 2}), (local_scaling, {"k": 2}), (mutual_proximity, {})):
+        with pytest.raises(ValueError, match=match):
+            score(q, c, reference=reference, **kwargs)
