@@ -31,7 +31,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, shortest_path
 from tqdm.auto import tqdm
 
-from .hubness import _as_matrix, _check_k, _knn_mask, _prepare
+from .hubness import _as_matrix, _prepare
+from .knn import check_k, nearest_neighbours
 
 
 class GeodesicSimilarity:
@@ -55,22 +56,18 @@ class GeodesicSimilarity:
         self.n_components = 0
 
     def graph(self, corpus) -> csr_matrix:
-        """The symmetric kNN graph (``N x N`` sparse, weights ``1 - cos``; an edge if either end chose the other)."""
+        """The symmetric kNN graph (``N x N`` sparse, weights ``1 - cos``; an edge if either end chose the other).
+
+        The neighbours are the exact ones of `hf_ext.retrieval.knn.nearest_neighbours` (ties to the lower index).
+        """
         c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()  # scipy works on host arrays
         n = c.shape[0]
-        _check_k(self.k, n)
-        rows, cols, weights = [], [], []
-        for start in range(0, n, 2048):
-            similarity = c[start : start + 2048] @ c.T
-            index = torch.arange(similarity.shape[0])
-            similarity[index, start + index] = -torch.inf
-            mask = _knn_mask(similarity, self.k)
-            r, col = mask.nonzero(as_tuple=True)
-            rows.append((r + start).numpy())
-            cols.append(col.numpy())
-            # tiny floor: a zero-length edge (duplicate points) must stay an edge in the sparse graph
-            weights.append(np.maximum((1 - similarity[r, col]).double().numpy(), 1e-12))
-        graph = csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+        check_k(self.k, n)
+        cosine, neighbours = nearest_neighbours(c, self.k, metric=self.metric)
+        rows = np.repeat(np.arange(n), self.k)
+        # tiny floor: a zero-length edge (duplicate points) must stay an edge in the sparse graph
+        weights = np.maximum((1 - cosine).flatten().numpy(), 1e-12)
+        graph = csr_matrix((weights, (rows, neighbours.flatten().numpy())), shape=(n, n))
         return graph.maximum(graph.T)
 
     def fit(self, corpus) -> GeodesicSimilarity:

@@ -4,7 +4,8 @@ In high dimension a few points ("hubs") sit in many k-nearest-neighbour lists an
 retrieval hubs are a nuisance (the same items come back for every query); for GAN latents they are a prior for
 good samples (Liang et al., ICML 2022).
 
-- `k_occurrence(X, k)`: exact, chunked (GPU if ``X`` is there), self excluded; ties broken by the lower index.
+- `k_occurrence(X, k)`: exact (`hf_ext.retrieval.knn`: a bfloat16 screen and exact re-checks), chunked (GPU if
+  ``X`` is there), self excluded; ties broken by the lower index.
 - `hubness_report(X, k)`: k-skewness, robin-hood index, anti-hub rate, hub occurrence.
 - `csls_scores`, `mutual_proximity`, `local_scaling`: re-scored query x corpus similarity matrices; the
   ``*_score_function(corpus, ...)`` factories return a ``score_function`` for sentence-transformers'
@@ -28,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .knn import check_k, nearest_neighbours, neighbour_sets
 
 METRICS = ("cosine", "euclidean")
 # Points with N_k >= HUB_FACTOR * k are hubs (scikit-hubness' convention for hub occurrence).
@@ -55,70 +58,29 @@ def _prepare(x: Tensor, metric: str, name: str) -> Tensor:
     return x
 
 
-def _similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """Higher is nearer: cosine of normalised rows, or minus the squared euclidean distance."""
-    if metric == "cosine":
-        return a @ b.T
-    return -(a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None, :]).clamp_min(0)
-
-
-def _check_k(k: int, n: int, name: str = "k") -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k >= n:
-        raise ValueError(f"`{name}` must be an int in [1, {n - 1}] (fewer than the {n} points), got {k!r}.")
-
-
-def _knn_mask(similarity: Tensor, k: int) -> Tensor:
-    """Boolean mask of each row's k largest entries; ties at the k-th value go to the lowest column indices."""
-    kth = similarity.topk(k, dim=1).values[:, -1:]  # (rows, 1)
-    above = similarity > kth
-    equal = similarity == kth
-    need = k - above.sum(dim=1, keepdim=True)
-    return above | (equal & (equal.cumsum(dim=1) <= need))
-
-
-def _knn_indices(similarity: Tensor, k: int) -> Tensor:
-    """Column indices of each row's ``k`` largest entries (flattened); boundary ties go to the lowest indices.
-
-    One ``topk(k + 1)``; only rows whose k-th and (k+1)-th values tie (rare with real embeddings) take the slower
-    exact tie-breaking mask.
-    """
-    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
-    if values.shape[1] == k:
-        return indices.flatten()
-    tied = values[:, k - 1] == values[:, k]
-    if not bool(tied.any()):
-        return indices[:, :k].flatten()
-    mask_rows = _knn_mask(similarity[tied], k).nonzero(as_tuple=True)[1]
-    return torch.cat([indices[~tied, :k].flatten(), mask_rows])
-
-
-def k_occurrence(x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 2048) -> Tensor:
+def k_occurrence(
+    x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024, screen_dtype: str | torch.dtype = "auto"
+) -> Tensor:
     """N_k: for every point, how many other points have it among their ``k`` nearest neighbours (self excluded).
 
-    Exact, in chunks of ``chunk_size`` rows (memory ``chunk_size x N``), on ``x``'s device. Ties at the k-th
-    neighbour are broken by the lower index, so the result is deterministic. Returns a ``(N,)`` long tensor summing
-    to ``k * N``.
+    Exact: the neighbour sets of `hf_ext.retrieval.knn.neighbour_sets` (float64 similarities of the float32 input,
+    ties at the k-th neighbour broken by the lower index, so the result is deterministic), found with a fast
+    low-precision screen (bfloat16 where the CPU runs it natively) whose dtype never changes the result. In
+    chunks of ``chunk_size`` rows (memory ``chunk_size x N``), on ``x``'s device. Returns a ``(N,)`` long tensor
+    summing to ``k * N``.
+
+    Example: ``k_occurrence(torch.randn(10000, 384), k=10)`` (seconds on a laptop CPU).
     """
-    x = _prepare(_as_matrix(x, "x"), metric, "x")
-    n = x.shape[0]
-    _check_k(k, n)
-    counts = torch.zeros(n, dtype=torch.long, device=x.device)
-    # Per row only the order matters: for euclidean, -|a - b|² ranks like 2 a·b - |b|² (|a|² is constant per row).
-    squared = x.square().sum(1) if metric == "euclidean" else None
-    for start in range(0, n, chunk_size):
-        rows = x[start : start + chunk_size]
-        similarity = rows @ x.T
-        if squared is not None:
-            similarity = 2 * similarity - squared[None, :]
-        index = torch.arange(rows.shape[0], device=x.device)
-        similarity[index, start + index] = -torch.inf  # self excluded
-        counts += torch.bincount(_knn_indices(similarity, k), minlength=n)
-    return counts
+    device = torch.as_tensor(x).device
+    sets = neighbour_sets(x, k, metric=metric, chunk_size=chunk_size, screen_dtype=screen_dtype)
+    return torch.bincount(sets.flatten(), minlength=sets.shape[0]).to(device)
 
 
-def hubness_report(x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 2048) -> dict[str, float]:
+def hubness_report(
+    x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024, screen_dtype: str | torch.dtype = "auto"
+) -> dict[str, float]:
     """k-skewness (of N_k), robin-hood index, anti-hub rate (N_k = 0) and hub occurrence (N_k >= 2k) of ``x``."""
-    counts = k_occurrence(x, k, metric=metric, chunk_size=chunk_size).double()
+    counts = k_occurrence(x, k, metric=metric, chunk_size=chunk_size, screen_dtype=screen_dtype).double()
     n = counts.numel()
     mean, std = counts.mean(), counts.std(unbiased=False)
     skewness = float(((counts - mean) ** 3).mean() / std**3) if std > 0 else 0.0
@@ -148,17 +110,12 @@ def _mean_top_k(similarity: Tensor, k: int) -> Tensor:
     return similarity.topk(k, dim=1).values.mean(dim=1)
 
 
-def corpus_neighbourhood(corpus, k: int = 10, *, metric: str = "cosine", chunk_size: int = 2048) -> Tensor:
+def corpus_neighbourhood(corpus, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024) -> Tensor:
     """r_d: each corpus point's mean similarity to its ``k`` nearest other corpus points (CSLS's corpus term)."""
     c = _prepare(_as_matrix(corpus, "corpus"), metric, "corpus")
-    _check_k(k, c.shape[0])
-    out = []
-    for start in range(0, c.shape[0], chunk_size):
-        similarity = _similarity(c[start : start + chunk_size], c, metric)
-        index = torch.arange(similarity.shape[0], device=c.device)
-        similarity[index, start + index] = -torch.inf
-        out.append(_mean_top_k(similarity, k))
-    return torch.cat(out)
+    check_k(k, c.shape[0])
+    values, _ = nearest_neighbours(c, k, metric=metric, chunk_size=chunk_size)
+    return values.mean(dim=1).to(c)
 
 
 def _reference_similarity(corpus: Tensor, reference, k: int = 1) -> Tensor:
@@ -182,7 +139,7 @@ def csls_scores(
     Pass ``corpus_r`` (`corpus_neighbourhood`) to reuse ``r_d`` across calls.
     """
     q, c = _pair(queries, corpus, "cosine")
-    _check_k(k, c.shape[0] + 1)
+    check_k(k, c.shape[0] + 1)
     similarity = q @ c.T
     if corpus_r is not None:
         r_d = corpus_r.to(similarity)
@@ -260,7 +217,7 @@ def local_scaling(queries, corpus, k: int = 10, *, reference: Tensor | None = No
     distance to the ``k``-th nearest corpus point (for d: nearest ``reference`` point, by default other corpus
     points). ``(queries, corpus)``, in (0, 1]."""
     q, c = _pair(queries, corpus, "cosine")
-    _check_k(k, c.shape[0])  # sigma_d: the k-th nearest *other* corpus point
+    check_k(k, c.shape[0])  # sigma_d: the k-th nearest *other* corpus point
     distance = 1 - q @ c.T
     sigma_q = distance.topk(k, dim=1, largest=False).values[:, -1]
     if reference is not None:
@@ -270,14 +227,8 @@ def local_scaling(queries, corpus, k: int = 10, *, reference: Tensor | None = No
     return torch.exp(-distance.square() / (sigma_q[:, None] * sigma_d[None, :]).clamp_min(1e-12))
 
 
-def _kth_corpus_similarity(c: Tensor, k: int, chunk_size: int = 2048) -> Tensor:
-    out = []
-    for start in range(0, c.shape[0], chunk_size):
-        similarity = c[start : start + chunk_size] @ c.T
-        index = torch.arange(similarity.shape[0], device=c.device)
-        similarity[index, start + index] = -torch.inf
-        out.append(similarity.topk(k, dim=1).values[:, -1])
-    return torch.cat(out)
+def _kth_corpus_similarity(c: Tensor, k: int) -> Tensor:
+    return nearest_neighbours(c, k)[0][:, -1].to(c)
 
 
 def _score_function(corpus, scorer: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -336,7 +287,7 @@ def hub_sample(
         raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
     if threshold < 1:
         raise ValueError(f"`threshold` must be >= 1, got {threshold}.")
-    _check_k(k, reference_size, "k")
+    check_k(k, reference_size, "k")
     kept: list[Tensor] = []
     total = 0
     for _ in range(max_rounds):

@@ -23,8 +23,8 @@ def test_near_neighbours_keep_their_base_distance_and_far_points_go_around() -> 
     angles = np.linspace(0, np.pi, 30)  # points on a half circle: the geodesic follows the arc
     x = torch.tensor(np.stack([np.cos(angles), np.sin(angles), np.full(30, 0.05)], 1), dtype=torch.float32)
     geodesic = GeodesicSimilarity(k=2, show_progress_bar=False).fit(x)
-    xn = x / x.norm(dim=1, keepdim=True)
-    base = (1 - xn @ xn.T).double().numpy()
+    xn = x.double() / x.double().norm(dim=1, keepdim=True)  # the graph's edges are exact (float64) 1 - cos
+    base = (1 - xn @ xn.T).numpy()
     assert geodesic.distances[0, 1] == pytest.approx(base[0, 1], rel=1e-6)
     # the two ends: the path follows the arc, step by step (1 - cos is not a metric: many small steps sum to less
     # than the direct 1 - cos of the ends, which the kNN graph never links)

@@ -1,0 +1,422 @@
+"""Exact k nearest neighbours of every point: a fast low-precision screen, then exact re-checks of the few in doubt.
+
+The screen scores all pairs with one matrix product per chunk of rows in a cheap dtype (bfloat16 on CPUs with AMX /
+AVX512-BF16, where it runs ~6x faster than float32). Every screened value ``a`` comes with a rigorous bound, so the
+exact value lies in ``[a - slack, a + slack]``. Per row, a column whose upper end is below the k-th best lower end
+cannot be among the k nearest; a column that fewer than k others can reach is among them whatever the exact
+values; only the columns in between are re-scored, first in float32 (with its own bound), then, if still in doubt,
+in float64. The answer is the exact one (float64 similarities of the float32 input, ties broken by the lower
+index) whatever the screen's dtype: the dtype changes the speed, never the result.
+
+The screen's bound, for row ``x_i`` and column ``x_j`` whose screen-dtype copies ``l_i``, ``l_j`` differ from them
+by ``d_i``, ``d_j``: ``|x_i.x_j - a| <= |d_i| |x_j| + |l_i| |d_j| + gamma_K sum_l |row_il key_jl| + B |a|``, where
+``gamma_K = K u / (1 - K u)`` is the worst-case float32 accumulation error over the product's ``K`` terms
+(``u = 2^-24``; bf16 products are exact in float32), ``row_i`` / ``key_j`` are the product's operands (the sum is
+bounded block by block: ``|l_i| |l_j|`` plus the extra columns below), and
+``B = u_out / (1 - u_out)`` covers the rounding of the float32 sum to the product's dtype (``2^-8`` for bf16, none
+for a float32 product). On CUDA a float32 product may run in TF32, so its inputs are taken as rounded to 11 bits.
+Two devices keep the window small: a bfloat16 screen subtracts from each row an estimate of its k-th best value
+inside the product (one more column), so that the values near the cut, and their rounding, are small; and the
+euclidean metric ranks by ``x_i.x_j - |x_j|^2 / 2`` with ``|x_j|^2 / 2`` split into bf16 parts in the product.
+``SAFETY`` multiplies every bound (1: they are worst-case bounds of the rounding model above; the tests check that
+this machine's matmul stays inside them).
+
+Columns are read in ``STRIPES`` interleaved groups per row (column ``c`` in group ``c mod (N / STRIPES)``): a
+group's maximum is a cheap vectorised reduction, and only the groups whose maximum reaches the floor set by the k-th
+best group maximum are looked at column by column.
+
+Example:
+
+```python
+>>> import torch
+>>> from hf_ext.retrieval.knn import nearest_neighbours
+>>> x = torch.randn(5000, 384)
+>>> values, indices = nearest_neighbours(x, k=10)  # (5000, 10) float64 cosines and int64 ids, best first
+>>> bool((indices != torch.arange(5000)[:, None]).all())  # self excluded
+True
+```
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+METRICS = ("cosine", "euclidean")
+# Column groups per row taken by the first topk beyond k, at least; rows that need more are redone with exactly
+# as many as they need. A narrow topk is much cheaper than a wide one.
+SCREEN_MARGIN = 8
+# Columns per group (see the module docstring).
+STRIPES = 16
+# Columns scored per chunk (spread over the points) to estimate each row's k-th best value for the shift.
+SHIFT_SAMPLE = 1024
+# Every error bound is multiplied by this (see the module docstring).
+SAFETY = 1.0
+# Below this many points a bf16 screen cannot pay for itself; `screen_dtype="auto"` then screens in float32.
+MIN_POINTS_FOR_BF16 = 4096
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+_TF32_ROUNDOFF = 2.0**-11
+# float64 rounding in the bounds themselves and in the re-check (~1e-16 relative) is covered by a relative slack on
+# every bound and an absolute one of TINY * (|x_i| |x_j| + 1).
+_RELATIVE_SLACK = 1e-6
+_TINY = 1e-12
+
+
+def fast_bf16_matmul(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively here (CPU AMX or AVX512-BF16); never on CUDA (its bf16 GEMMs
+    may reduce in bf16, which the error bound does not cover)."""
+    if device.type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def _resolve_screen_dtype(screen_dtype: str | torch.dtype, device: torch.device, n: int) -> torch.dtype:
+    if screen_dtype == "auto":
+        return torch.bfloat16 if n >= MIN_POINTS_FOR_BF16 and fast_bf16_matmul(device) else torch.float32
+    if screen_dtype in ("float32", torch.float32):
+        return torch.float32
+    if screen_dtype in ("bfloat16", torch.bfloat16):
+        if device.type != "cpu":
+            raise ValueError("`screen_dtype='bfloat16'` runs on CPU only: use 'auto' or 'float32' on accelerators.")
+        return torch.bfloat16
+    raise ValueError(f"`screen_dtype` must be 'auto', 'float32' or 'bfloat16', got {screen_dtype!r}.")
+
+
+def prepare_exact(x, metric: str) -> Tensor:
+    """``x`` as float64 (rows normalised for cosine), with the input checks of every kNN function here."""
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+    tensor = torch.as_tensor(x)
+    if tensor.dim() != 2 or tensor.shape[0] == 0:
+        raise ValueError(f"`x` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor.abs().amax()):  # NaN and inf both propagate through the maximum
+        raise ValueError("`x` holds NaN or infinite values.")
+    tensor = tensor.double()  # the float32 input, held exactly
+    if metric == "cosine":
+        norms = tensor.norm(dim=1)
+        if (norms == 0).any():
+            raise ValueError(f"`x` has zero vectors (row {int((norms == 0).nonzero()[0])}): cosine is undefined.")
+        tensor = tensor / norms[:, None]
+    return tensor
+
+
+def check_k(k: int, n: int, name: str = "k") -> None:
+    """``k`` must be an int in ``[1, n - 1]`` (neighbours other than the point itself)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k >= n:
+        raise ValueError(f"`{name}` must be an int in [1, {n - 1}] (fewer than the {n} points), got {k!r}.")
+
+
+def _split(values: Tensor, dtype: torch.dtype, parts: int) -> list[Tensor]:
+    """``values`` (float64) as a sum of ``parts`` terms of ``dtype`` (hi, mid, lo ...), most significant first."""
+    out, rest = [], values
+    for _ in range(parts):
+        piece = rest.to(dtype)
+        out.append(piece)
+        rest = rest - piece.double()
+    return out
+
+
+def _row_norms(x: Tensor, low: Tensor, x32: Tensor) -> Tensor:
+    """``(rows, 5)``: ``|x|, |low|, |x - low|, |x32|, |x - x32|`` per row, in float64."""
+    low, x32 = low.double(), x32.double()
+    return torch.stack([x.norm(dim=1), low.norm(dim=1), (x - low).norm(dim=1), x32.norm(dim=1),
+                        (x - x32).norm(dim=1)], dim=1)  # fmt: skip
+
+
+def _gamma(terms: int) -> float:
+    u = _UNIT_ROUNDOFF[torch.float32]
+    return terms * u / (1 - terms * u)
+
+
+class _Bound:
+    """``A_ij = sum_t row[i, t] * col[j, t] + constant``: a bound that factors into row and column terms."""
+
+    def __init__(self, col: Tensor, constant: float) -> None:
+        self.col, self.col_max, self.constant = col, col.max(dim=0).values, constant
+
+    def row_wide(self, row: Tensor) -> Tensor:
+        """``max_j A_ij`` per row, ``(R,)``."""
+        return row @ self.col_max + self.constant
+
+    def pairs(self, row: Tensor, columns: Tensor) -> Tensor:
+        """``A_ij`` for each row's ``columns`` (``(R, W)``)."""
+        return (row[:, None, :] * self.col[columns]).sum(-1) + self.constant
+
+
+class _Screen:
+    """The operands of the screen and of the re-checks for ``x`` (float64, normalised for cosine), and their
+    error bounds (see the module docstring)."""
+
+    def __init__(self, x: Tensor, metric: str, dtype: torch.dtype, k: int) -> None:
+        self.x, self.metric, self.dtype, self.k = x, metric, dtype, k
+        self.low, self.x32 = x.to(dtype), x.float()  # the screen's copy, the float32 re-check's copy
+        # |x_i|, |l_i|, |d_i| = |x_i - l_i| and the same for the float32 copy, a block of rows at a time (no N x dim
+        # temporaries: those cost more in page faults than in arithmetic)
+        norms = torch.cat([_row_norms(x[i : i + 8192], self.low[i : i + 8192], self.x32[i : i + 8192])
+                           for i in range(0, x.shape[0], 8192)])  # fmt: skip
+        self.x_norm, low_norm, deviation, norm32, deviation32 = norms.unbind(1)
+        extra = []
+        offset = torch.zeros_like(self.x_norm)  # sum of |offset parts| per column
+        residual, self.offset_parts, self.half_square = 0.0, 0, None
+        if metric == "euclidean":  # rank by x_i.x_j - |x_j|^2 / 2 (= (|x_i|^2 - |x_i - x_j|^2) / 2)
+            self.half_square = self.x_norm.square() / 2
+            parts = _split(self.half_square, dtype, 2)  # residual ~2^-16 |x|^2: far inside the bound
+            extra += [-p for p in parts]
+            offset = sum(p.double().abs() for p in parts)
+            self.offset_parts = len(parts)
+            residual = float((self.half_square - sum(p.double() for p in parts)).abs().max())
+        self.shifted = dtype == torch.bfloat16
+        if self.shifted:
+            extra.append(-torch.ones(x.shape[0], dtype=dtype, device=x.device))
+        self.keys_t = torch.empty(x.shape[1] + len(extra), x.shape[0], dtype=dtype, device=x.device)
+        self.keys_t[: x.shape[1]] = self.low.T  # (K, N): the matmul's fast layout
+        for row, values in enumerate(extra, start=x.shape[1]):
+            self.keys_t[row] = values
+        self.accumulation = _gamma(self.keys_t.shape[0])
+        if x.device.type == "cuda" and dtype == torch.float32:  # TF32 may round the inputs to 11 bits
+            self.accumulation += 2 * _TF32_ROUNDOFF + _TF32_ROUNDOFF**2
+        # screen: |d_i| |x_j| + |l_i| |d_j| + gamma (|l_i| |l_j| + sum |offset parts_j| + |shift_i|), the last being
+        # the sum of |row_l key_l| over the product's terms, block by block (the shift is known per chunk)
+        ones = torch.ones_like(offset)
+        self.screen_bound = _Bound(SAFETY * torch.stack([self.x_norm, deviation, low_norm, offset, ones], dim=1),
+                                   SAFETY * (1 + _RELATIVE_SLACK) * (residual + _TINY))  # fmt: skip
+        self.screen_row = torch.stack([deviation + _TINY * self.x_norm, low_norm, self.accumulation * low_norm,
+                                       self.accumulation * ones], dim=1)  # fmt: skip
+        out = 0.0 if dtype == torch.float32 else _UNIT_ROUNDOFF[dtype]
+        self.relative = SAFETY * out / (1 - out)  # B
+        # float32 re-check: |e_i| |x_j| + |y_i| |e_j| + gamma_dim |y_i| |y_j|, y = float32 copy, e = its error
+        self.recheck_bound = _Bound(SAFETY * torch.stack([self.x_norm, deviation32, norm32], dim=1), SAFETY * _TINY)
+        self.recheck_row = (1 + _RELATIVE_SLACK) * torch.stack([deviation32 + _TINY * self.x_norm, norm32,
+                                                                _gamma(x.shape[1]) * norm32], dim=1)  # fmt: skip
+        n = x.shape[0]
+        self.sample = torch.linspace(0, n - 1, min(SHIFT_SAMPLE, n), device=x.device).long().unique()
+        self._workspace: dict[str, Tensor] = {}
+
+    def operands(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For points ``start:stop``: the rows' side of the product ``(R, K)``, their bound terms ``(R, 5)`` and the
+        value subtracted from each row's screened values (float64, ``(R,)``)."""
+        low = self.low[start:stop]
+        parts = [low]
+        if self.offset_parts:
+            parts.append(low.new_ones(len(low), self.offset_parts))
+        shift = torch.zeros(len(low), dtype=torch.float64, device=low.device)
+        if self.shifted:
+            estimate = self._estimate(start, stop)
+            parts.append(estimate[:, None])
+            shift = estimate.double()
+        rows = torch.cat(parts, dim=1)
+        row_terms = torch.cat([self.screen_row[start:stop], self.accumulation * shift.abs()[:, None]], dim=1)
+        return rows, (1 + _RELATIVE_SLACK) * row_terms, shift
+
+    def _estimate(self, start: int, stop: int) -> Tensor:
+        """Per row, a screen-dtype estimate of its k-th best value, from a sample of the columns."""
+        sample = self.sample
+        scores = (self.low[start:stop] @ self.low[sample].T).float()  # (R, m)
+        if self.half_square is not None:
+            scores -= self.half_square[sample].float()
+        scores[sample[None, :] == torch.arange(start, stop, device=sample.device)[:, None]] = -torch.inf
+        rank = min(len(sample) - 1, max(1, round(self.k * len(sample) / self.x.shape[0])))
+        estimate = scores.topk(rank, dim=1).values[:, -1]
+        return torch.nan_to_num(estimate, neginf=0.0).to(self.dtype)
+
+    def threshold(self, kth: Tensor, absolute: Tensor) -> Tensor:
+        """The lowest screened value that can still be among the exact top-k, given each row's k-th screened value
+        ``kth`` (or a lower bound of it) and a bound ``absolute`` of its ``A_ij``: ``a + A + B|a| >= kth - A -
+        B|kth|``."""
+        b = self.relative
+        v = kth - 2 * absolute - b * kth.abs()
+        return torch.where(v >= 0, v / (1 + b), v / (1 - b))
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A reusable work tensor (fresh multi-MB allocations cost page faults at every chunk)."""
+        size = 1
+        for dim in shape:
+            size *= dim
+        flat = self._workspace.get(name)
+        if flat is None or flat.numel() < size or flat.dtype != dtype:
+            flat = torch.empty(max(2 * size, 1), dtype=dtype, device=self.x.device)  # room to grow
+            self._workspace[name] = flat
+        return flat[:size].view(shape)
+
+    def _dot(self, source: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        dim = source.shape[1]
+        a = torch.index_select(source, 0, rows, out=self.buffer(f"rows{source.dtype}", (len(rows), dim), source.dtype))
+        b = torch.index_select(source, 0, cols, out=self.buffer(f"cols{source.dtype}", (len(cols), dim), source.dtype))
+        return torch.einsum("pd,pd->p", a, b).double()
+
+    def exact(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The ranked quantity in float64 for the pairs ``(rows[p], cols[p])``: ``x_i.x_j``, minus ``|x_j|^2 / 2``
+        for euclidean."""
+        dot = self._dot(self.x, rows, cols)
+        return dot if self.half_square is None else dot - self.half_square[cols]
+
+    def recheck(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The ranked quantity from float32 copies (within `recheck_bound` of `exact`)."""
+        dot = self._dot(self.x32, rows, cols)
+        return dot if self.half_square is None else dot - self.half_square[cols]
+
+    def similarity(self, ranked: Tensor, rows: Tensor) -> Tensor:
+        """Cosine, or minus the squared euclidean distance, from `exact` values of the rows ``rows`` (``(R, k)``)."""
+        return ranked if self.half_square is None else 2 * ranked - 2 * self.half_square[rows][:, None]
+
+
+def nearest_neighbours(
+    x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024, screen_dtype: str | torch.dtype = "auto"
+) -> tuple[Tensor, Tensor]:
+    """The exact ``k`` nearest other points of every point of ``x``.
+
+    Args:
+        x (`Tensor` or array of shape `(N, dim)`): the points (on CPU or an accelerator; the work stays there).
+        k (`int`, *optional*, defaults to `10`): neighbours per point, in ``[1, N - 1]``.
+        metric (`str`, *optional*, defaults to `"cosine"`): ``cosine`` or ``euclidean``.
+        chunk_size (`int`, *optional*, defaults to `1024`): rows screened at once (memory ``chunk_size x N``).
+        screen_dtype (`str`, *optional*, defaults to `"auto"`): the screen's matmul dtype: ``bfloat16`` (CPU only)
+            or ``float32``; ``auto`` takes bfloat16 where the CPU runs it natively and ``N >= 4096``. The result
+            does not depend on it.
+
+    Returns:
+        ``(values, indices)``, both ``(N, k)``, best first: float64 similarities (cosine, or minus the squared
+        euclidean distance) and int64 indices. Self is excluded; ties at equal float64 similarity go to the lower
+        index.
+    """
+    return _neighbours(x, k, metric, chunk_size, screen_dtype, with_values=True)
+
+
+def neighbour_sets(
+    x, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024, screen_dtype: str | torch.dtype = "auto"
+) -> Tensor:
+    """The ids of each point's exact ``k`` nearest other points, ``(N, k)``, in no particular order: the sets of
+    `nearest_neighbours` (same arguments), faster, as columns certain to be in a set are never re-scored."""
+    return _neighbours(x, k, metric, chunk_size, screen_dtype, with_values=False)[1]
+
+
+def _neighbours(x, k: int, metric: str, chunk_size: int, screen_dtype, with_values: bool) -> tuple[Tensor, Tensor]:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}.")
+    x64 = prepare_exact(x, metric)
+    n = x64.shape[0]
+    check_k(k, n)
+    screen = _Screen(x64, metric, _resolve_screen_dtype(screen_dtype, x64.device, n), k)
+    stripes = STRIPES if n >= STRIPES * (k + SCREEN_MARGIN) else 1
+    padded = -(-n // stripes) * stripes
+    keys_t = screen.keys_t
+    if padded > n:
+        keys_t = torch.cat([keys_t, keys_t.new_zeros(keys_t.shape[0], padded - n)], dim=1)
+    values = torch.empty(n, k, dtype=torch.float64, device=x64.device)
+    indices = torch.empty(n, k, dtype=torch.long, device=x64.device)
+    buffer = torch.empty(min(chunk_size, n), padded, dtype=screen.dtype, device=x64.device)
+    width = min(k + SCREEN_MARGIN, padded // stripes)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        operand, row_terms, shift = screen.operands(start, stop)
+        scores = torch.mm(operand, keys_t, out=buffer[: stop - start])  # (R, padded), screened
+        scores[:, n:] = -torch.inf
+        rows = torch.arange(start, stop, device=x64.device)
+        scores[rows - start, rows] = -torch.inf  # self excluded
+        chunk = _Chunk(screen, rows, row_terms, shift, with_values)
+        width = _select(scores, chunk, stripes, width, values[start:stop], indices[start:stop])
+    return values, indices
+
+
+class _Chunk:
+    """The rows of one chunk: ids, bound terms, shift; `part` restricts to some of them."""
+
+    def __init__(self, screen: _Screen, rows: Tensor, row_terms: Tensor, shift: Tensor, with_values: bool) -> None:
+        self.screen, self.rows, self.row_terms, self.shift, self.with_values = (
+            screen,
+            rows,
+            row_terms,
+            shift,
+            with_values,
+        )
+
+    def part(self, which: Tensor) -> _Chunk:
+        return _Chunk(self.screen, self.rows[which], self.row_terms[which], self.shift[which], self.with_values)
+
+
+def _select(scores: Tensor, chunk: _Chunk, stripes: int, width: int, out_values: Tensor, out_indices: Tensor) -> int:
+    """The exact top-k of a chunk's screened ``scores`` ``(R, padded)``, written to ``out_*``.
+
+    Takes the ``width`` best column groups per row; rows that need more (more groups reach the floor) are redone
+    with exactly as many as they need. Returns the width to start the next chunk with (enough for 90% of these
+    rows: neighbouring chunks need similar widths).
+    """
+    k, screen = chunk.screen.k, chunk.screen
+    groups = scores.shape[1] // stripes
+    group_max = scores.view(len(chunk.rows), stripes, groups).amax(dim=1) if stripes > 1 else scores  # (R, groups)
+    top = group_max.topk(width, dim=1)
+    # the k-th best group maximum is a lower bound of the row's k-th best value (k distinct columns reach it), and
+    # no column of a group whose maximum is below the floor can be among the exact top-k
+    floor = screen.threshold(top.values[:, k - 1].double(), screen.screen_bound.row_wide(chunk.row_terms))
+    need = (top.values.double() >= floor[:, None]).sum(1)  # groups at or above the floor, if fewer than width
+    closed = (need < width) | (width == groups)
+    done = torch.nonzero(closed)[:, 0]
+    _gather_and_finish(scores, top.indices[done], done, chunk, stripes, out_values, out_indices)
+    if not bool(closed.all()):
+        todo = torch.nonzero(~closed)[:, 0]
+        need[todo] = (group_max[todo].double() >= floor[todo, None]).sum(1)
+        chosen = group_max[todo].topk(int(need[todo].max()), dim=1).indices
+        _gather_and_finish(scores, chosen, todo, chunk, stripes, out_values, out_indices)
+    return min(groups, max(k + SCREEN_MARGIN, int(need.float().quantile(0.9)) + 1))
+
+
+def _gather_and_finish(scores: Tensor, chosen: Tensor, which: Tensor, chunk: _Chunk, stripes: int,
+                       out_values: Tensor, out_indices: Tensor) -> None:  # fmt: skip
+    """Every column of the ``chosen`` groups (``(len(which), width)``) of the chunk rows ``which``, then `_finish`."""
+    if not len(which):
+        return
+    groups = scores.shape[1] // stripes
+    offsets = groups * torch.arange(stripes, device=scores.device)[None, :, None]
+    columns = (chosen[:, None, :] + offsets).flatten(1)  # (rows, stripes * width)
+    gathered = scores.take(columns + (which * scores.shape[1])[:, None])
+    values, indices = _finish(gathered, columns, chunk.part(which))
+    out_values[which], out_indices[which] = values, indices
+
+
+def _decide(lowest: Tensor, highest: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """For each row's columns with exact values in ``[lowest, highest]`` (``-inf`` for none): which can be in the
+    exact top-k (``candidate``: upper end at or above the k-th best lower end) and which are in it whatever the
+    exact values (``certain``: fewer than k others have an upper end at or above its lower end)."""
+    candidate = highest >= lowest.topk(k, dim=1).values[:, -1:]
+    ceiling = torch.where(candidate, highest, -torch.inf).sort(dim=1, descending=True).values
+    reach = torch.searchsorted(-ceiling, -lowest.contiguous(), right=True)  # columns with an upper end >= its lower
+    return candidate, candidate & (reach - 1 < k)
+
+
+def _finish(screened: Tensor, columns: Tensor, chunk: _Chunk) -> tuple[Tensor, Tensor]:
+    """The exact top-k of rows from every column that may matter (``screened`` values at ``columns``, ``(R, W)``).
+
+    Intervals from the screen's bound; then the columns in doubt get float32 values with their own (much smaller)
+    bound; the columns still in doubt (and, when values are wanted, every candidate) get float64 values; ties go
+    to the lower index.
+    """
+    screen, k, n = chunk.screen, chunk.screen.k, chunk.screen.x.shape[0]
+    # the row-wide bound first (cheap), to keep a few columns per row; then each column's own bound on those
+    floor = screen.threshold(screened.topk(k, dim=1).values[:, -1].double(),
+                             screen.screen_bound.row_wide(chunk.row_terms))  # fmt: skip
+    keep = screened.double() >= floor[:, None]
+    screened, order = torch.where(keep, screened.double(), -torch.inf).topk(int(keep.sum(1).max()), dim=1)
+    columns = columns.gather(1, order).clamp_max(n - 1)  # padding columns are -inf, never kept
+    valid = torch.isfinite(screened)
+    slack = screen.screen_bound.pairs(chunk.row_terms, columns) + screen.relative * screened.abs()
+    slack = torch.where(valid, slack, 0.0)
+    lowest, highest = screened - slack, screened + slack  # in the shifted units of the screen
+    candidate, certain = _decide(lowest, highest, k)
+    if not chunk.with_values:  # float32 re-check of the columns in doubt
+        doubt = (candidate & ~certain).nonzero(as_tuple=True)
+        value = screen.recheck(chunk.rows[doubt[0]], columns[doubt]) - chunk.shift[doubt[0]]
+        bound = (chunk.screen.recheck_row[chunk.rows[doubt[0]]] * screen.recheck_bound.col[columns[doubt]]).sum(1)
+        bound = bound + screen.recheck_bound.constant
+        lowest, highest = lowest.index_put(doubt, value - bound), highest.index_put(doubt, value + bound)
+        candidate, certain = _decide(lowest, highest, k)
+    # float64 for what is still in doubt (or every candidate, for values); certain columns sort first, others last
+    if chunk.with_values:
+        certain = torch.zeros_like(certain)
+    exact = torch.where(certain, torch.inf, -torch.inf).to(screened)
+    wanted = (candidate & ~certain).nonzero(as_tuple=True)
+    exact[wanted] = screen.exact(chunk.rows[wanted[0]], columns[wanted])
+    columns, order = columns.sort(dim=1)  # lower index first; a stable sort by value then keeps it among equals
+    exact, order = exact.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return screen.similarity(exact[:, :k], chunk.rows), columns.gather(1, order[:, :k])
