@@ -15,6 +15,7 @@ from .hubness import (
     mutual_proximity,
     mutual_proximity_score_function,
 )
+from .knn import nearest_neighbours, neighbour_sets
 
 __all__ = [
     "CURIndex",
@@ -31,5 +32,7 @@ __all__ = [
     "local_scaling_score_function",
     "mutual_proximity",
     "mutual_proximity_score_function",
+    "nearest_neighbours",
+    "neighbour_sets",
     "top_k_overlap",
 ]

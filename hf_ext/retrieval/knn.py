@@ -56,8 +56,8 @@ SAFETY = 1.0
 MIN_POINTS_FOR_BF16 = 4096
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 _TF32_ROUNDOFF = 2.0**-11
-# float64 rounding in the bounds themselves and in the re-check (~1e-16 relative) is covered by a relative slack on
-# every bound and an absolute one of TINY * (|x_i| |x_j| + 1).
+# float64 rounding in the bounds themselves and in the re-checks (~1e-16 relative) is covered by a relative slack on
+# every bound and an absolute one of TINY * (1 + max |x|^2).
 _RELATIVE_SLACK = 1e-6
 _TINY = 1e-12
 
@@ -83,23 +83,27 @@ def _resolve_screen_dtype(screen_dtype: str | torch.dtype, device: torch.device,
     raise ValueError(f"`screen_dtype` must be 'auto', 'float32' or 'bfloat16', got {screen_dtype!r}.")
 
 
-def prepare_exact(x, metric: str) -> Tensor:
-    """``x`` as float64 (rows normalised for cosine), with the input checks of every kNN function here."""
+def prepare_exact(x, metric: str) -> tuple[Tensor, float]:
+    """``x`` as float64 (rows normalised for cosine; scaled by a power of two to a largest entry in [0.5, 1) for
+    euclidean, which changes no ranking and keeps the screen's squares far from overflow and underflow) and that
+    scale, with the input checks of every kNN function here."""
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
     tensor = torch.as_tensor(x)
     if tensor.dim() != 2 or tensor.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
     tensor = tensor.float()
-    if not torch.isfinite(tensor.abs().amax()):  # NaN and inf both propagate through the maximum
+    largest = tensor.abs().amax()
+    if not torch.isfinite(largest):  # NaN and inf both propagate through the maximum
         raise ValueError("`x` holds NaN or infinite values.")
     tensor = tensor.double()  # the float32 input, held exactly
     if metric == "cosine":
         norms = tensor.norm(dim=1)
         if (norms == 0).any():
             raise ValueError(f"`x` has zero vectors (row {int((norms == 0).nonzero()[0])}): cosine is undefined.")
-        tensor = tensor / norms[:, None]
-    return tensor
+        return tensor / norms[:, None], 1.0
+    scale = 2.0 ** -(torch.frexp(largest.double()).exponent.item()) if largest > 0 else 1.0
+    return tensor * scale, scale
 
 
 def check_k(k: int, n: int, name: str = "k") -> None:
@@ -157,6 +161,7 @@ class _Screen:
         norms = torch.cat([_row_norms(x[i : i + 8192], self.low[i : i + 8192], self.x32[i : i + 8192])
                            for i in range(0, x.shape[0], 8192)])  # fmt: skip
         self.x_norm, low_norm, deviation, norm32, deviation32 = norms.unbind(1)
+        tiny = _TINY * (1 + float(self.x_norm.max()) ** 2)
         extra = []
         offset = torch.zeros_like(self.x_norm)  # sum of |offset parts| per column
         residual, self.offset_parts, self.half_square = 0.0, 0, None
@@ -181,15 +186,17 @@ class _Screen:
         # the sum of |row_l key_l| over the product's terms, block by block (the shift is known per chunk)
         ones = torch.ones_like(offset)
         self.screen_bound = _Bound(SAFETY * torch.stack([self.x_norm, deviation, low_norm, offset, ones], dim=1),
-                                   SAFETY * (1 + _RELATIVE_SLACK) * (residual + _TINY))  # fmt: skip
-        self.screen_row = torch.stack([deviation + _TINY * self.x_norm, low_norm, self.accumulation * low_norm,
+                                   SAFETY * (1 + _RELATIVE_SLACK) * (residual + tiny))  # fmt: skip
+        self.screen_row = torch.stack([deviation, low_norm, self.accumulation * low_norm,
                                        self.accumulation * ones], dim=1)  # fmt: skip
         out = 0.0 if dtype == torch.float32 else _UNIT_ROUNDOFF[dtype]
         self.relative = SAFETY * out / (1 - out)  # B
         # float32 re-check: |e_i| |x_j| + |y_i| |e_j| + gamma_dim |y_i| |y_j|, y = float32 copy, e = its error
-        self.recheck_bound = _Bound(SAFETY * torch.stack([self.x_norm, deviation32, norm32], dim=1), SAFETY * _TINY)
-        self.recheck_row = (1 + _RELATIVE_SLACK) * torch.stack([deviation32 + _TINY * self.x_norm, norm32,
-                                                                _gamma(x.shape[1]) * norm32], dim=1)  # fmt: skip
+        # (gamma_dim covers the rounded float32 products too; on CUDA the dot products may run in TF32)
+        dot_error = _gamma(x.shape[1]) + (2 * _TF32_ROUNDOFF + _TF32_ROUNDOFF**2 if x.device.type == "cuda" else 0.0)
+        self.recheck_bound = _Bound(SAFETY * torch.stack([self.x_norm, deviation32, norm32], dim=1), SAFETY * tiny)
+        self.recheck_row = (1 + _RELATIVE_SLACK) * torch.stack([deviation32, norm32,
+                                                                dot_error * norm32], dim=1)  # fmt: skip
         n = x.shape[0]
         self.sample = torch.linspace(0, n - 1, min(SHIFT_SAMPLE, n), device=x.device).long().unique()
         self._workspace: dict[str, Tensor] = {}
@@ -240,26 +247,25 @@ class _Screen:
             self._workspace[name] = flat
         return flat[:size].view(shape)
 
-    def _dot(self, source: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        dim = source.shape[1]
-        a = torch.index_select(source, 0, rows, out=self.buffer(f"rows{source.dtype}", (len(rows), dim), source.dtype))
-        b = torch.index_select(source, 0, cols, out=self.buffer(f"cols{source.dtype}", (len(cols), dim), source.dtype))
-        return torch.einsum("pd,pd->p", a, b).double()
-
     def exact(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """The ranked quantity in float64 for the pairs ``(rows[p], cols[p])``: ``x_i.x_j``, minus ``|x_j|^2 / 2``
-        for euclidean."""
-        dot = self._dot(self.x, rows, cols)
-        return dot if self.half_square is None else dot - self.half_square[cols]
+        """The float64 similarity of the pairs ``(rows[p], cols[p])``: cosine, or minus the squared distance (taken
+        directly, not from dot products: exact even for near-duplicates)."""
+        dim = self.x.shape[1]
+        a = torch.index_select(self.x, 0, rows, out=self.buffer("rows", (len(rows), dim), self.x.dtype))
+        b = torch.index_select(self.x, 0, cols, out=self.buffer("cols", (len(cols), dim), self.x.dtype))
+        if self.half_square is None:
+            return torch.einsum("pd,pd->p", a, b)
+        a = a.sub_(b)
+        return -torch.einsum("pd,pd->p", a, a)
 
     def recheck(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """The ranked quantity from float32 copies (within `recheck_bound` of `exact`)."""
-        dot = self._dot(self.x32, rows, cols)
+        """The screen's ranked quantity (``x_i.x_j``, minus ``|x_j|^2 / 2`` for euclidean) from the float32 copies:
+        within `recheck_bound` of the exact one."""
+        dim = self.x.shape[1]
+        a = torch.index_select(self.x32, 0, rows, out=self.buffer("rows32", (len(rows), dim), torch.float32))
+        b = torch.index_select(self.x32, 0, cols, out=self.buffer("cols32", (len(cols), dim), torch.float32))
+        dot = torch.einsum("pd,pd->p", a, b).double()
         return dot if self.half_square is None else dot - self.half_square[cols]
-
-    def similarity(self, ranked: Tensor, rows: Tensor) -> Tensor:
-        """Cosine, or minus the squared euclidean distance, from `exact` values of the rows ``rows`` (``(R, k)``)."""
-        return ranked if self.half_square is None else 2 * ranked - 2 * self.half_square[rows][:, None]
 
 
 def nearest_neighbours(
@@ -295,7 +301,7 @@ def neighbour_sets(
 def _neighbours(x, k: int, metric: str, chunk_size: int, screen_dtype, with_values: bool) -> tuple[Tensor, Tensor]:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}.")
-    x64 = prepare_exact(x, metric)
+    x64, scale = prepare_exact(x, metric)
     n = x64.shape[0]
     check_k(k, n)
     screen = _Screen(x64, metric, _resolve_screen_dtype(screen_dtype, x64.device, n), k)
@@ -317,7 +323,7 @@ def _neighbours(x, k: int, metric: str, chunk_size: int, screen_dtype, with_valu
         scores[rows - start, rows] = -torch.inf  # self excluded
         chunk = _Chunk(screen, rows, row_terms, shift, with_values)
         width = _select(scores, chunk, stripes, width, values[start:stop], indices[start:stop])
-    return values, indices
+    return (values / scale**2 if scale != 1.0 else values), indices
 
 
 class _Chunk:
@@ -419,4 +425,4 @@ def _finish(screened: Tensor, columns: Tensor, chunk: _Chunk) -> tuple[Tensor, T
     exact[wanted] = screen.exact(chunk.rows[wanted[0]], columns[wanted])
     columns, order = columns.sort(dim=1)  # lower index first; a stable sort by value then keeps it among equals
     exact, order = exact.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return screen.similarity(exact[:, :k], chunk.rows), columns.gather(1, order[:, :k])
+    return exact[:, :k], columns.gather(1, order[:, :k])

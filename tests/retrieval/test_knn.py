@@ -57,6 +57,15 @@ def test_near_ties_the_screen_cannot_separate_are_settled_exactly() -> None:
         assert sets.sort(dim=1).values.tolist() == np.sort(expected, axis=1).tolist()
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_euclidean_at_extreme_scales_neither_overflows_nor_underflows(scale: float) -> None:
+    x = _points(600, 16, seed=12) * scale
+    values, indices = nearest_neighbours(x, 5, metric="euclidean", screen_dtype="bfloat16")
+    expected_values, expected_indices = _brute(x, 5, "euclidean")
+    assert indices.tolist() == expected_indices.tolist()
+    np.testing.assert_allclose(values.numpy(), expected_values, rtol=1e-9)
+
+
 def test_the_result_does_not_depend_on_the_screen_or_the_chunks() -> None:
     x = torch.randn(5000, 48, generator=torch.Generator().manual_seed(8))
     x[:2500] += 3 * torch.randn(1, 48, generator=torch.Generator().manual_seed(9))  # a dense cluster and the rest
@@ -68,7 +77,7 @@ def test_the_result_does_not_depend_on_the_screen_or_the_chunks() -> None:
 
 def _bound_ratio(x: torch.Tensor, metric: str) -> float:
     """max over pairs of |exact - screened| / bound, for the first 300 rows of a bf16 screen of ``x``."""
-    x = knn.prepare_exact(x, metric)
+    x, _ = knn.prepare_exact(x, metric)
     screen = knn._Screen(x, metric, torch.bfloat16, k=10)
     operand, row_terms, shift = screen.operands(0, 300)
     screened = (operand @ screen.keys_t).double()  # (300, N), shifted
@@ -120,3 +129,19 @@ def test_k_occurrence_of_real_minilm_embeddings_is_the_same_with_either_screen(m
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_result_is_the_cpu_one_even_with_tf32() -> None:
+    x = _points(6000, 96, seed=11)
+    expected = nearest_neighbours(x, 10, screen_dtype="float32")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            values, indices = nearest_neighbours(x.cuda(), 10)
+            assert torch.equal(indices.cpu(), expected[1])
+            torch.testing.assert_close(values.cpu(), expected[0], rtol=1e-12, atol=1e-12)
+            assert torch.equal(neighbour_sets(x.cuda(), 10).sort(dim=1).values.cpu(), expected[1].sort(dim=1).values)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
