@@ -102,10 +102,11 @@ def evaluate_cur(exact: np.ndarray, anchors_r: np.ndarray, anchor_ids: np.ndarra
     matrix = cur_item_matrix(anchors_r, anchor_ids)
     approx = exact[:, anchor_ids] @ matrix  # (queries, N)
     found, calls = [], []
-    anchor_set = set(anchor_ids.tolist())
-    for q in range(exact.shape[0]):
-        candidates = np.argsort(-approx[q], kind="stable")[:rerank_k].tolist()
-        pool = anchor_set | set(candidates)
+    unscored = np.ones(exact.shape[1], dtype=bool)
+    unscored[anchor_ids] = False
+    for q in range(exact.shape[0]):  # as `CURIndex.search`: the anchors, then the best approximations of the others
+        order = np.argsort(-approx[q], kind="stable")
+        pool = anchor_ids.tolist() + order[unscored[order]][:rerank_k].tolist()
         calls.append(len(pool))
         found.append(sorted(pool, key=lambda i, q=q: (-exact[q, i], i))[:top])
     return found, float(np.mean(calls))

@@ -3,8 +3,8 @@
 Offline, anchor queries ``V`` are scored against every item (``R``, ``|V| x N``) and the item matrix
 ``pinv(R[:, U]) @ R`` (``|U| x N``) is stored, ``U`` being the anchor items. Online, a query is scored against the
 anchor items only (``c``, ``|U|`` calls), all ``N`` scores are approximated by ``c @ item_matrix``, and the best
-``rerank_k`` are re-scored exactly: ``|U| + rerank_k`` calls (fewer: anchor items among the candidates are
-already scored) instead of ``N``; the top-k comes from every exactly scored item (candidates and anchors).
+``rerank_k`` of the other items are re-scored exactly: ``|U| + rerank_k`` calls instead of ``N``; the top-k comes
+from every exactly scored item (candidates and anchors).
 
 Example:
 
@@ -260,7 +260,11 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         batch_size: int = 64,
         show_progress_bar: bool = False,
     ) -> tuple[list[list[dict[str, Any]]], list[int]]:
-        """Approximate every item's score from the anchor items', re-rank the best ``rerank_k`` exactly.
+        """Approximate every item's score from the anchor items', re-score the best ``rerank_k`` others exactly.
+
+        A query costs ``|U| + rerank_k`` cross-encoder calls (fewer only when the corpus has fewer items): the anchor
+        items, then the ``rerank_k`` best approximate scores among the other items; the top-k is taken from every
+        exactly scored item, anchors included.
 
         Returns:
             ``(hits, calls)``: per query, sentence-transformers-style hits (``{"corpus_id", "score"}``, exact
@@ -270,15 +274,16 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         cross_encoder = self._cross_encoder(cross_encoder)
         if top_k < 1 or rerank_k < top_k:
             raise ValueError(f"Need 1 <= top_k <= rerank_k, got top_k={top_k}, rerank_k={rerank_k}.")
-        rerank_k = min(rerank_k, len(self.items))
         anchors = self.anchor_item_ids.tolist()
+        unscored = np.ones(len(self.items), dtype=bool)
+        unscored[anchors] = False
         all_hits, all_calls = [], []
         for query in tqdm(queries, desc="CUR search", disable=not show_progress_bar):
             exact = dict(zip(anchors, score_pairs(cross_encoder, [(query, self.items[i]) for i in anchors], batch_size),
                              strict=True))  # fmt: skip
             approx = self.approximate_scores(np.asarray([exact[i] for i in anchors]))
-            candidates = np.argsort(-approx, kind="stable")[:rerank_k].tolist()
-            todo = [i for i in candidates if i not in exact]
+            order = np.argsort(-approx, kind="stable")
+            todo = order[unscored[order]][:rerank_k].tolist()  # the best approximations not scored yet
             exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
                              strict=True))  # fmt: skip
             ranked = sorted(exact, key=lambda i: (-exact[i], i))[:top_k]  # candidates and anchors: all scored exactly

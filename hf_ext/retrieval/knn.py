@@ -19,7 +19,8 @@ Two devices keep the window small: a bfloat16 screen subtracts from each row an 
 inside the product (one more column), so that the values near the cut, and their rounding, are small; and the
 euclidean metric ranks by ``x_i.x_j - |x_j|^2 / 2`` with ``|x_j|^2 / 2`` split into bf16 parts in the product.
 ``SAFETY`` multiplies every bound (1: they are worst-case bounds of the rounding model above; the tests check that
-this machine's matmul stays inside them).
+this machine's matmul stays inside them). Subnormal numbers, which AMX flushes to zero, are far below the bounds'
+absolute slack.
 
 Columns are read in ``STRIPES`` interleaved groups per row (column ``c`` in group ``c mod (N / STRIPES)``): a
 group's maximum is a cheap vectorised reduction, and only the groups whose maximum reaches the floor set by the k-th
@@ -92,6 +93,8 @@ def prepare_exact(x, metric: str) -> tuple[Tensor, float]:
     tensor = torch.as_tensor(x)
     if tensor.dim() != 2 or tensor.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
+    if tensor.device.type == "mps":  # no float64 there: the work moves to the CPU
+        tensor = tensor.cpu()
     tensor = tensor.float()
     largest = tensor.abs().amax()
     if not torch.isfinite(largest):  # NaN and inf both propagate through the maximum
@@ -274,7 +277,8 @@ def nearest_neighbours(
     """The exact ``k`` nearest other points of every point of ``x``.
 
     Args:
-        x (`Tensor` or array of shape `(N, dim)`): the points (on CPU or an accelerator; the work stays there).
+        x (`Tensor` or array of shape `(N, dim)`): the points (on CPU or CUDA, where the work stays; MPS inputs,
+            which have no float64, are worked on and returned on CPU).
         k (`int`, *optional*, defaults to `10`): neighbours per point, in ``[1, N - 1]``.
         metric (`str`, *optional*, defaults to `"cosine"`): ``cosine`` or ``euclidean``.
         chunk_size (`int`, *optional*, defaults to `1024`): rows screened at once (memory ``chunk_size x N``).
