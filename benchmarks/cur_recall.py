@@ -15,11 +15,13 @@ low-rank structure; the ranking is the same). Every method is then evaluated on 
 as `CURIndex.search` and `biencoder_rerank_search` spend them:
 
 - CUR: ``|U|`` anchor-item calls + the ``rerank_k`` best approximate candidates not among them; anchors random (the
-  paper) or k-means (items nearest to k-means centres of MiniLM embeddings); several splits of a budget between
-  ``|U|`` and ``rerank_k``;
+  paper) or k-means (items nearest to k-means centres of MiniLM embeddings); three splits of a budget between
+  ``|U|`` and ``rerank_k``; ``|V|`` = 50, 100 or all 200 anchor queries;
 - bi-encoder (the embedded all-MiniLM-L6-v2) retrieves ``rerank_k`` = the budget, the cross-encoder re-ranks them.
 
-Budgets: 1, 2, 5 and 10% of the corpus per query; top-1 / 10 / 50 overlap with the exact top-k.
+Budgets: 1, 2, 5 and 10% of the corpus per query; top-1 / 10 / 50 overlap with the exact top-k. Diagnostics: how
+concentrated the exact top-10 lists are (the cross-encoder's own hubs), and the 10% overlaps split by whether a query
+has a paraphrase among the items.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import save_results
 from tqdm.auto import tqdm
 
 from hf_ext import cache_dir, load_stsb, minilm_path
@@ -43,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.01, 0.02, 0.05, 0.10)
 ANCHOR_SHARES = (0.25, 0.5, 0.75)  # share of the budget spent on anchor items
+ANCHOR_QUERY_COUNTS = (50, 100, 200)  # |V|: the first 50 / 100 / all of the scored anchor queries
+PARAPHRASE_COSINE = 0.7  # a query "has a paraphrase" among the items if its nearest item is this close (MiniLM)
 KS = (1, 10, 50)
 
 
@@ -148,15 +153,31 @@ def main() -> None:
     item_emb = bi.encode(items, batch_size=256, normalize_embeddings=True, show_progress_bar=True)
     query_emb = bi.encode(test_queries, batch_size=256, normalize_embeddings=True)
     similarity = query_emb @ item_emb.T
+    counts = sorted({min(v, args.n_anchor_queries) for v in ANCHOR_QUERY_COUNTS} | {args.n_anchor_queries})
+    rows, found_at = evaluate(exact, anchors_r, similarity, item_emb, counts)
+    data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries),
+                       "n_anchor_queries": args.n_anchor_queries, "cross_encoder": path, "dtype": args.dtype,
+                       "scores": "logits"}, "rows": rows}  # fmt: skip
+    data["diagnostics"] = diagnostics(exact_top, similarity, found_at, rows)
+    save_results(args.output, data, summarize)
+    plot(data, args.output.with_suffix(".png"))
+    print(json.dumps(data["summary"], indent=2))
+
+
+def evaluate(exact: np.ndarray, anchors_r: np.ndarray, similarity: np.ndarray, item_emb: np.ndarray,
+             anchor_query_counts: list[int]) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every method at every budget; returns the rows and, at the largest budget, each method's top-k lists."""
+    exact_top = _top(exact, max(KS))
     kmeans_cache: dict[int, np.ndarray] = {}
-    n = len(items)
-    rows = []
+    n = exact.shape[1]
+    rows, found_at = [], {}
     for budget in BUDGETS:
         calls_budget = max(2, round(budget * n))
         candidates = _top(similarity, calls_budget)
         found = [sorted(c.tolist(), key=lambda i, q=q: (-exact[q, i], i))[: max(KS)] for q, c in enumerate(candidates)]
         rows.append({"method": "biencoder_rerank", "budget": budget, "calls": calls_budget, "rerank_k": calls_budget,
                      **_overlaps(found, exact_top)})  # fmt: skip
+        found_at[("biencoder_rerank", budget)] = found
         for share in ANCHOR_SHARES:
             n_anchor = max(1, round(share * calls_budget))
             rerank_k = calls_budget - n_anchor
@@ -167,18 +188,34 @@ def main() -> None:
                     if n_anchor not in kmeans_cache:
                         kmeans_cache[n_anchor] = kmeans_anchor_ids(item_emb, n_anchor, seed=0)
                     anchor_ids = kmeans_cache[n_anchor]
-                found, calls = evaluate_cur(exact, anchors_r, anchor_ids, rerank_k, max(KS))
-                rows.append({"method": f"cur_{strategy}", "budget": budget, "calls": calls, "anchor_items": n_anchor,
-                             "rerank_k": rerank_k, "anchor_queries": args.n_anchor_queries,
-                             **_overlaps(found, exact_top)})  # fmt: skip
-                print(rows[-1], flush=True)
-    data = {"config": {"n_items": n, "n_test_queries": len(test_queries), "n_anchor_queries": args.n_anchor_queries,
-                       "cross_encoder": path, "dtype": args.dtype, "scores": "logits"}, "rows": rows}  # fmt: skip
-    data = {"summary": summarize(data), **data}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(data, indent=2))
-    plot(data, args.output.with_suffix(".png"))
-    print(json.dumps(data["summary"], indent=2))
+                for n_queries in anchor_query_counts:  # the first |V| of the scored anchor queries
+                    found, calls = evaluate_cur(exact, anchors_r[:n_queries], anchor_ids, rerank_k, max(KS))
+                    rows.append({"method": f"cur_{strategy}", "budget": budget, "calls": calls,
+                                 "anchor_items": n_anchor, "rerank_k": rerank_k, "anchor_queries": n_queries,
+                                 **_overlaps(found, exact_top)})  # fmt: skip
+                    found_at[(f"cur_{strategy}", budget, n_anchor, n_queries)] = found
+                    print(rows[-1], flush=True)
+    return rows, found_at
+
+
+def diagnostics(exact_top: np.ndarray, similarity: np.ndarray, found_at: dict, rows: list[dict]) -> dict:
+    """What the exact top-10 lists look like (how many slots the most frequent items hold: the cross-encoder's own
+    hubs), and the 10% budget's top-10 overlaps split by whether a query has a paraphrase among the items (its
+    nearest item by bi-encoder cosine >= PARAPHRASE_COSINE)."""
+    top10 = exact_top[:, :10]
+    _, counts = np.unique(top10, return_counts=True)
+    paraphrase = similarity.max(axis=1) >= PARAPHRASE_COSINE
+    best = max((r for r in rows if r["budget"] == 0.10 and r["method"].startswith("cur_")), key=lambda r: r["top10"])
+    methods = {"biencoder_rerank": found_at[("biencoder_rerank", 0.10)],
+               "cur_best": found_at[(best["method"], 0.10, best["anchor_items"], best["anchor_queries"])]}  # fmt: skip
+    split = {}
+    for name, mask in (("with_paraphrase", paraphrase), ("without_paraphrase", ~paraphrase)):
+        queries = np.flatnonzero(mask)
+        split[name] = {"n_queries": len(queries), **{m: float(np.mean([len(set(found[q][:10]) & set(top10[q]))
+                       / 10 for q in queries])) if len(queries) else None for m, found in methods.items()}}  # fmt: skip
+    return {"exact_top10_distinct_items": len(counts),
+            "exact_top10_slots_held_by_20_most_frequent": float(np.sort(counts)[::-1][:20].sum() / top10.size),
+            "paraphrase_cosine": PARAPHRASE_COSINE, "top10_overlap_at_10pct_by_query_kind": split}  # fmt: skip
 
 
 def summarize(data: dict) -> dict:
@@ -194,6 +231,8 @@ def summarize(data: dict) -> dict:
                         "anchor_items", "rerank_k", "calls")}})  # fmt: skip
     if bi:
         summary["biencoder_top10_overlap"] = bi["top10"]
+    if cur:
+        summary["cur_worst_config_top10_overlap"] = min(r["top10"] for r in cur)
     return summary
 
 
@@ -203,8 +242,8 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KS), figsize=(6 * len(KS), 4.5))
-    for ax, k in zip(axes, KS, strict=True):
+    fig, axes = plt.subplots(1, len(KS) + 1, figsize=(6 * (len(KS) + 1), 4.5))
+    for ax, k in zip(axes, KS, strict=False):
         methods = sorted({r["method"] for r in data["rows"]})
         for method in methods:
             best = {}
@@ -215,6 +254,19 @@ def plot(data: dict, path: Path) -> None:
         ax.set_xlabel("cross-encoder calls per query (% of corpus)")
         ax.set_title(f"top-{k} overlap with the exact cross-encoder")
         ax.legend()
+    ax = axes[-1]  # |V| at the 10% budget, the best split of it for each anchor strategy
+    for method in ("cur_random", "cur_kmeans"):
+        best: dict[int, float] = {}
+        for r in data["rows"]:
+            if r["method"] == method and r["budget"] == 0.10:
+                best[r["anchor_queries"]] = max(best.get(r["anchor_queries"], 0.0), r["top10"])
+        ax.plot(sorted(best), [best[v] for v in sorted(best)], "o-", label=method)
+    bi = [r["top10"] for r in data["rows"] if r["method"] == "biencoder_rerank" and r["budget"] == 0.10]
+    if bi:
+        ax.axhline(bi[0], color="grey", linestyle="--", label="biencoder_rerank")
+    ax.set_xlabel("anchor queries |V|")
+    ax.set_title("top-10 overlap at 10% of the corpus in calls")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
