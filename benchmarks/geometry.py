@@ -242,7 +242,7 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(23, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(23, 5.5))
     if "bbc" in data:
         names = [n for n, v in data["bbc"].items() if isinstance(v, dict) and "recall1" in v]
         axes[0].bar(names, [data["bbc"][n]["recall1"] for n in names])
@@ -250,13 +250,13 @@ def plot(data: dict, path: Path) -> None:
         axes[1].bar(names, [data["bbc"][n]["returned_skewness"] for n in names])
         axes[1].set_title("skewness of how often each body is in a top-10")
         for ax in axes[:2]:
-            ax.tick_params(axis="x", rotation=30)
+            plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     if "sts" in data:
         keys = ["cosine_spearman"] + [k for k in data["sts"] if k.startswith("geodesic") and k.endswith("spearman")]
         axes[2].bar(keys, [data["sts"][k] for k in keys])
         axes[2].set_ylim(min(data["sts"][k] for k in keys) - 0.05, 1.0)
         axes[2].set_title("STS-B test Spearman")
-        axes[2].tick_params(axis="x", rotation=30)
+        plt.setp(axes[2].get_xticklabels(), rotation=35, ha="right")
     if "speed" in data:
         ax = axes[3]
         for name, entry in data["speed"]["sets"].items():
