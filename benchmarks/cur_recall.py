@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from hf_ext import cache_dir, load_stsb, minilm_path
 from hf_ext.retrieval import cur_item_matrix, kmeans_anchor_ids
-from hf_ext.retrieval.cur import score_pairs
+from hf_ext.retrieval.cur import save_row, score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,9 +85,7 @@ def score_matrix(cross_encoder, queries: list[str], items: list[str], path: Path
             rows.append(np.load(row_path))
             continue
         row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
-        partial = row_path.with_suffix(".partial.npy")  # a killed write leaves no row behind
-        np.save(partial, row)
-        os.replace(partial, row_path)
+        save_row(row_path, row)
         rows.append(row)
     return np.stack(rows)
 
@@ -148,7 +145,6 @@ def main() -> None:
     rows_dir = args.cache_dir / f"rows_{args.dtype}"
     exact = score_matrix(cross_encoder, test_queries, items, rows_dir / "test", args.batch_size)
     anchors_r = score_matrix(cross_encoder, anchor_pool, items, rows_dir / "anchor", args.batch_size)
-    exact_top = _top(exact, max(KS))
     bi = SentenceTransformer(str(minilm_path()))
     item_emb = bi.encode(items, batch_size=256, normalize_embeddings=True, show_progress_bar=True)
     query_emb = bi.encode(test_queries, batch_size=256, normalize_embeddings=True)
@@ -158,7 +154,7 @@ def main() -> None:
     data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries),
                        "n_anchor_queries": args.n_anchor_queries, "cross_encoder": path, "dtype": args.dtype,
                        "scores": "logits"}, "rows": rows}  # fmt: skip
-    data["diagnostics"] = diagnostics(exact_top, similarity, found_at, rows)
+    data["diagnostics"] = diagnostics(exact, similarity, found_at, rows)
     save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
@@ -198,11 +194,11 @@ def evaluate(exact: np.ndarray, anchors_r: np.ndarray, similarity: np.ndarray, i
     return rows, found_at
 
 
-def diagnostics(exact_top: np.ndarray, similarity: np.ndarray, found_at: dict, rows: list[dict]) -> dict:
+def diagnostics(exact: np.ndarray, similarity: np.ndarray, found_at: dict, rows: list[dict]) -> dict:
     """What the exact top-10 lists look like (how many slots the most frequent items hold: the cross-encoder's own
     hubs), and the 10% budget's top-10 overlaps split by whether a query has a paraphrase among the items (its
     nearest item by bi-encoder cosine >= PARAPHRASE_COSINE)."""
-    top10 = exact_top[:, :10]
+    top10 = _top(exact, 10)
     _, counts = np.unique(top10, return_counts=True)
     paraphrase = similarity.max(axis=1) >= PARAPHRASE_COSINE
     best = max((r for r in rows if r["budget"] == 0.10 and r["method"].startswith("cur_")), key=lambda r: r["top10"])

@@ -85,6 +85,13 @@ def score_pairs(cross_encoder: Any, pairs: list[tuple[str, str]], batch_size: in
     return scores
 
 
+def save_row(path: Path, row: np.ndarray) -> None:
+    """Save a row of scores as ``.npy`` through a temporary file and a rename: a killed write leaves no row."""
+    partial = path.with_suffix(".partial.npy")
+    np.save(partial, row)
+    os.replace(partial, path)
+
+
 def kmeans_anchor_ids(embeddings: np.ndarray, n_anchors: int, *, seed: int = 0, iterations: int = 25) -> np.ndarray:
     """Indices of the items nearest to ``n_anchors`` k-means centres (cosine, k-means++ start), all distinct."""
     x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=1)
@@ -237,9 +244,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             else:
                 row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
                 if path is not None:
-                    partial = path.with_suffix(".partial.npy")
-                    np.save(partial, row)
-                    os.replace(partial, path)
+                    save_row(path, row)
             rows.append(row)
         scores = np.stack(rows)  # R: (|V|, N)
         item_matrix = cur_item_matrix(scores, anchor_ids, rcond)

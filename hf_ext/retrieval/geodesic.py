@@ -31,8 +31,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, shortest_path
 from tqdm.auto import tqdm
 
-from .hubness import _as_matrix, _prepare
-from .knn import check_k, nearest_neighbours
+from .knn import as_matrix, nearest_neighbours, prepare
 
 
 class GeodesicSimilarity:
@@ -60,9 +59,8 @@ class GeodesicSimilarity:
 
         The neighbours are the exact ones of `hf_ext.retrieval.knn.nearest_neighbours` (ties to the lower index).
         """
-        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()  # scipy works on host arrays
+        c = prepare(as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()  # scipy works on host arrays
         n = c.shape[0]
-        check_k(self.k, n)
         cosine, neighbours = nearest_neighbours(c, self.k, metric=self.metric)
         rows = np.repeat(np.arange(n), self.k)
         # tiny floor: a zero-length edge (duplicate points) must stay an edge in the sparse graph
@@ -72,7 +70,7 @@ class GeodesicSimilarity:
 
     def fit(self, corpus) -> GeodesicSimilarity:
         """Build the graph over ``corpus`` (``(N, dim)``) and all-pairs geodesic distances (``N x N`` float64)."""
-        c = _prepare(_as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()
+        c = prepare(as_matrix(corpus, "corpus"), self.metric, "corpus").cpu()
         graph = self.graph(c)
         n = c.shape[0]
         self.n_components, labels = connected_components(graph, directed=False)
@@ -105,7 +103,7 @@ class GeodesicSimilarity:
         """``(queries, N)`` similarities of new points: ``-min over their k nearest corpus points i of
         (1 - cos(q, i) + D(i, ·))``."""
         distances = self._fitted()
-        q = _prepare(_as_matrix(queries, "queries"), self.metric, "queries").cpu()
+        q = prepare(as_matrix(queries, "queries"), self.metric, "queries").cpu()
         if q.shape[1] != self.corpus.shape[1]:
             raise ValueError(f"`queries` have dimension {q.shape[1]} but the corpus has {self.corpus.shape[1]}.")
         similarity = q @ self.corpus.T

@@ -30,32 +30,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .knn import check_k, nearest_neighbours, neighbour_sets
+from .knn import as_matrix, check_k, nearest_neighbours, neighbour_sets, prepare
 
-METRICS = ("cosine", "euclidean")
 # Points with N_k >= HUB_FACTOR * k are hubs (scikit-hubness' convention for hub occurrence).
 HUB_FACTOR = 2
-
-
-def _as_matrix(x, name: str) -> Tensor:
-    tensor = torch.as_tensor(x)
-    if tensor.dim() != 2 or tensor.shape[0] == 0:
-        raise ValueError(f"`{name}` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
-    tensor = tensor.float()
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"`{name}` holds NaN or infinite values.")
-    return tensor
-
-
-def _prepare(x: Tensor, metric: str, name: str) -> Tensor:
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
-    if metric == "cosine":
-        norms = x.norm(dim=1)
-        if (norms == 0).any():
-            raise ValueError(f"`{name}` has zero vectors (row {int((norms == 0).nonzero()[0])}): cosine is undefined.")
-        return x / norms[:, None]
-    return x
 
 
 def k_occurrence(
@@ -99,8 +77,8 @@ def hubness_report(
 
 
 def _pair(queries, corpus, metric: str) -> tuple[Tensor, Tensor]:
-    q = _prepare(_as_matrix(queries, "queries"), metric, "queries")
-    c = _prepare(_as_matrix(corpus, "corpus"), metric, "corpus").to(q.device)
+    q = prepare(as_matrix(queries, "queries"), metric, "queries")
+    c = prepare(as_matrix(corpus, "corpus"), metric, "corpus").to(q.device)
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"`queries` have dimension {q.shape[1]} but `corpus` has {c.shape[1]}.")
     return q, c
@@ -112,15 +90,14 @@ def _mean_top_k(similarity: Tensor, k: int) -> Tensor:
 
 def corpus_neighbourhood(corpus, k: int = 10, *, metric: str = "cosine", chunk_size: int = 1024) -> Tensor:
     """r_d: each corpus point's mean similarity to its ``k`` nearest other corpus points (CSLS's corpus term)."""
-    c = _prepare(_as_matrix(corpus, "corpus"), metric, "corpus")
-    check_k(k, c.shape[0])
+    c = prepare(as_matrix(corpus, "corpus"), metric, "corpus")
     values, _ = nearest_neighbours(c, k, metric=metric, chunk_size=chunk_size)
     return values.mean(dim=1).to(c)
 
 
 def _reference_similarity(corpus: Tensor, reference, k: int = 1) -> Tensor:
     """``(N, R)`` cosines of each corpus point to the reference points (the query distribution)."""
-    ref = _prepare(_as_matrix(reference, "reference"), "cosine", "reference").to(corpus.device)
+    ref = prepare(as_matrix(reference, "reference"), "cosine", "reference").to(corpus.device)
     if ref.shape[1] != corpus.shape[1]:
         raise ValueError(f"`reference` has dimension {ref.shape[1]} but `corpus` has {corpus.shape[1]}.")
     if ref.shape[0] < max(2, k):
@@ -178,7 +155,7 @@ def mutual_proximity(
         return normal.cdf((similarity - mu_q) / sd_q.clamp_min(1e-12)) * normal.cdf(
             (similarity - mu_d[None, :]) / sd_d[None, :].clamp_min(1e-12)
         )
-    size = n * (n if reference is None else _as_matrix(reference, "reference").shape[0])
+    size = n * (n if reference is None else as_matrix(reference, "reference").shape[0])
     if size > max_empiric**2:
         raise ValueError(
             f"`method='empiric'` needs a matrix of {size} cosines: use method='normal' or raise `max_empiric`."
@@ -232,7 +209,7 @@ def _kth_corpus_similarity(c: Tensor, k: int) -> Tensor:
 
 
 def _score_function(corpus, scorer: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    n = _as_matrix(corpus, "corpus").shape[0]
+    n = as_matrix(corpus, "corpus").shape[0]
 
     def score_function(query_embeddings: Tensor, corpus_embeddings: Tensor) -> Tensor:
         if corpus_embeddings.shape[0] != n:
@@ -292,7 +269,7 @@ def hub_sample(
     total = 0
     for _ in range(max_rounds):
         drawn = sample_fn(reference_size)
-        batch = _as_matrix(drawn, "sample_fn(reference_size)")
+        batch = as_matrix(drawn, "sample_fn(reference_size)")
         if batch.shape[0] != reference_size:
             raise ValueError(f"`sample_fn({reference_size})` returned {batch.shape[0]} rows.")
         keep = k_occurrence(batch, k, metric=metric) >= threshold

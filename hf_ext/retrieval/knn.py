@@ -84,28 +84,41 @@ def _resolve_screen_dtype(screen_dtype: str | torch.dtype, device: torch.device,
     raise ValueError(f"`screen_dtype` must be 'auto', 'float32' or 'bfloat16', got {screen_dtype!r}.")
 
 
-def prepare_exact(x, metric: str) -> tuple[Tensor, float]:
-    """``x`` as float64 (rows normalised for cosine; scaled by a power of two to a largest entry in [0.5, 1) for
-    euclidean, which changes no ranking and keeps the screen's squares far from overflow and underflow) and that
-    scale, with the input checks of every kNN function here."""
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+def as_matrix(x, name: str) -> Tensor:
+    """``x`` as a float32 ``(n, dim)`` tensor, refused (naming ``name``) if empty, not 2-D or not finite."""
     tensor = torch.as_tensor(x)
     if tensor.dim() != 2 or tensor.shape[0] == 0:
-        raise ValueError(f"`x` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
+        raise ValueError(f"`{name}` must be a non-empty 2-D array (n, dim), got shape {tuple(tensor.shape)}.")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor.abs().amax()):  # NaN and inf both propagate through the maximum
+        raise ValueError(f"`{name}` holds NaN or infinite values.")
+    return tensor
+
+
+def prepare(x: Tensor, metric: str, name: str) -> Tensor:
+    """``x`` (any float dtype) with unit rows for cosine (zero rows refused, naming ``name``), as is for euclidean."""
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+    if metric == "cosine":
+        norms = x.norm(dim=1)
+        if (norms == 0).any():
+            raise ValueError(f"`{name}` has zero vectors (row {int((norms == 0).nonzero()[0])}): cosine is undefined.")
+        return x / norms[:, None]
+    return x
+
+
+def prepare_exact(x, metric: str) -> tuple[Tensor, float]:
+    """``x`` as float64 (`prepare` on the float32 input held exactly; for euclidean, scaled by a power of two to a
+    largest entry in [0.5, 1), which changes no ranking and keeps the screen's squares far from overflow and
+    underflow) and that scale."""
+    tensor = as_matrix(x, "x")
     if tensor.device.type == "mps":  # no float64 there: the work moves to the CPU
         tensor = tensor.cpu()
-    tensor = tensor.float()
-    largest = tensor.abs().amax()
-    if not torch.isfinite(largest):  # NaN and inf both propagate through the maximum
-        raise ValueError("`x` holds NaN or infinite values.")
-    tensor = tensor.double()  # the float32 input, held exactly
+    tensor = prepare(tensor.double(), metric, "x")
     if metric == "cosine":
-        norms = tensor.norm(dim=1)
-        if (norms == 0).any():
-            raise ValueError(f"`x` has zero vectors (row {int((norms == 0).nonzero()[0])}): cosine is undefined.")
-        return tensor / norms[:, None], 1.0
-    scale = 2.0 ** -(torch.frexp(largest.double()).exponent.item()) if largest > 0 else 1.0
+        return tensor, 1.0
+    largest = tensor.abs().amax()
+    scale = 2.0 ** -(torch.frexp(largest).exponent.item()) if largest > 0 else 1.0
     return tensor * scale, scale
 
 
@@ -157,7 +170,7 @@ class _Screen:
     error bounds (see the module docstring)."""
 
     def __init__(self, x: Tensor, metric: str, dtype: torch.dtype, k: int) -> None:
-        self.x, self.metric, self.dtype, self.k = x, metric, dtype, k
+        self.x, self.dtype, self.k = x, dtype, k
         self.low, self.x32 = x.to(dtype), x.float()  # the screen's copy, the float32 re-check's copy
         # |x_i|, |l_i|, |d_i| = |x_i - l_i| and the same for the float32 copy, a block of rows at a time (no N x dim
         # temporaries: those cost more in page faults than in arithmetic)
@@ -334,13 +347,8 @@ class _Chunk:
     """The rows of one chunk: ids, bound terms, shift; `part` restricts to some of them."""
 
     def __init__(self, screen: _Screen, rows: Tensor, row_terms: Tensor, shift: Tensor, with_values: bool) -> None:
-        self.screen, self.rows, self.row_terms, self.shift, self.with_values = (
-            screen,
-            rows,
-            row_terms,
-            shift,
-            with_values,
-        )
+        self.screen, self.rows, self.row_terms = screen, rows, row_terms
+        self.shift, self.with_values = shift, with_values
 
     def part(self, which: Tensor) -> _Chunk:
         return _Chunk(self.screen, self.rows[which], self.row_terms[which], self.shift[which], self.with_values)
