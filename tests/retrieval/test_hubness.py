@@ -135,6 +135,7 @@ def test_hub_sample_keeps_only_hubs_and_returns_exactly_n() -> None:
         (lambda: csls_scores(torch.randn(2, 3), torch.randn(5, 4), 2), "dimension"),
         (lambda: mutual_proximity(torch.randn(2, 3), torch.randn(5, 3), method="fast"), "`method`"),
         (lambda: k_occurrence(torch.randn(5, 3), 2, metric="dot"), "`metric`"),
+        (lambda: k_occurrence(torch.randn(5, 3), 2, screen_dtype="int8"), "`screen_dtype`"),
     ],
 )
 def test_bad_input_raises(call, match: str) -> None:

@@ -124,6 +124,9 @@ def test_k_occurrence_of_real_minilm_embeddings_is_the_same_with_either_screen(m
         (lambda: nearest_neighbours(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1), "NaN or infinite"),
         (lambda: nearest_neighbours(torch.zeros(4), 1), "2-D"),
         (lambda: knn._resolve_screen_dtype("bfloat16", torch.device("cuda"), 10), "CPU only"),
+        (lambda: neighbour_sets(torch.randn(5, 3), 0), "`k`"),
+        (lambda: neighbour_sets(torch.randn(5, 3), 2, screen_dtype=torch.float16), "`screen_dtype`"),
+        (lambda: neighbour_sets(torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), 1), "zero vectors"),
     ],
 )
 def test_bad_input_raises(call, match: str) -> None:
