@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import save_results
+from _common import protocol, save_results
 from tqdm.auto import tqdm
 
 from hf_ext import cache_dir, load_stsb, minilm_path
@@ -127,7 +127,7 @@ def main() -> None:
         help="the cross-encoder's weights and activations; every score (exact and CUR) uses it",
     )
     parser.add_argument("--cache_dir", type=Path, default=cache_dir() / "cur_bench")
-    parser.add_argument("--output", type=Path, default=RESULTS / "cur_recall.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "pre_protocol" / "cur_recall.json")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
@@ -154,6 +154,10 @@ def main() -> None:
     data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries),
                        "n_anchor_queries": args.n_anchor_queries, "cross_encoder": path, "dtype": args.dtype,
                        "scores": "logits"}, "rows": rows}  # fmt: skip
+    # Pre-protocol: the |U| / rerank split and |V| are chosen on the reported test queries and random anchors are
+    # one draw; issue 19 moves the choice to dev queries (results then go to benchmarks/results/).
+    data["protocol"] = protocol(selection_split="pre-protocol: the reported test queries",
+                                test_split=f"{len(test_queries)} STS-B test queries", chosen={}, seeds=[0])  # fmt: skip
     data["diagnostics"] = diagnostics(exact, similarity, found_at, rows)
     save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))

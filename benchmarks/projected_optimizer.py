@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PeakMemory, save_results
+from _common import PeakMemory, load_results, protocol, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--update_interval", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, choices=[1, 2, 3],
                         help="learning rates per method to run (the first of each before any second)")  # fmt: skip
-    parser.add_argument("--output", type=Path, default=RESULTS / "projected_optimizer.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "pre_protocol" / "projected_optimizer.json")
     parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "LR"), help=argparse.SUPPRESS)
     parser.add_argument("--eval_initial", action="store_true", help=argparse.SUPPRESS)
@@ -323,10 +323,15 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], float(args.child[1]), args)))
         return
-    data = json.loads(args.output.read_text()) if args.output.is_file() else {}
     if args.table:
-        print(table(data))
+        print(table(json.loads(args.output.read_text())))
         return
+    # Pre-protocol: each method's learning rate is picked on the same held-out blocks whose loss is reported;
+    # issue 16 moves the choice to validation blocks (results then go to benchmarks/results/).
+    data = load_results(args.output, protocol(
+        selection_split="pre-protocol: the reported held-out blocks", test_split="held-out BBC text blocks",
+        chosen={}, seeds=[0],
+    ))  # fmt: skip
     keys = ("steps", "batch_size", "block_size", "eval_blocks", "rank", "update_interval")
     config = {k: getattr(args, k) for k in keys}
     if data.get("config", config) != config:

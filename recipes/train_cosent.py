@@ -20,6 +20,7 @@ same data, initialisation and hyper-parameters.
 from __future__ import annotations
 
 import json
+import shutil
 import string
 import sys
 import time
@@ -47,8 +48,12 @@ from hf_ext.data import bucket_sentence_transformer, default_buckets
 from hf_ext.trainers import compile_enabled
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "cosent.md"
+# The Hub id of the embedded default (recorded as the card's base model: the local folder cannot say it).
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BI_LOSSES = ("cosent", "cached_cosent", "st_cosent", "st_angle", "st_cosine")
 CROSS_LOSSES = ("cosent", "st_bce", "st_mse")
+# The bi-encoder's training defaults, chosen on STS-B dev (benchmarks/cosent_sts.py, part bi_sweep).
+BI_DEFAULTS = {"batch_size": 32, "learning_rate": 2e-5}
 
 
 @dataclass
@@ -81,6 +86,13 @@ class CoSENTRecipeArguments:
     )
     max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     evaluate_before_training: bool = field(default=True, metadata={"help": "Also report test Spearman before."})
+    evaluate_test: bool = field(
+        default=True,
+        metadata={
+            "help": "Report the test Spearman (before and after). Sweeps set it false: settings are chosen on dev "
+            "and the test split is evaluated once per chosen setting."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.model_type not in ("bi", "cross"):
@@ -127,8 +139,11 @@ def build_model(args: CoSENTRecipeArguments) -> SentenceTransformer | CrossEncod
     if args.model_type == "bi":
         model = SentenceTransformer(path)
         model.max_seq_length = args.max_seq_length
-        return model
-    return CrossEncoder(path, num_labels=1, max_length=args.max_seq_length)
+    else:
+        model = CrossEncoder(path, num_labels=1, max_length=args.max_seq_length)
+    if args.model_name_or_path is None:  # the card's base model: the Hub id, not the embedded folder's path
+        model.model_card_data.base_model = MINILM_HUB_ID
+    return model
 
 
 def build_loss(args: CoSENTRecipeArguments, model) -> torch.nn.Module:
@@ -160,16 +175,28 @@ def build_evaluator(args: CoSENTRecipeArguments, data: datasets.Dataset, name: s
     return CrossEncoderCorrelationEvaluator(pairs, data["label"], name=name, batch_size=64)
 
 
+def spearman_key(args: CoSENTRecipeArguments, name: str) -> str:
+    """The evaluator's Spearman metric name (``sts-dev_spearman_cosine`` for a bi-encoder)."""
+    return f"{name}_spearman_cosine" if args.model_type == "bi" else f"{name}_spearman"
+
+
 def spearman(args: CoSENTRecipeArguments, metrics: dict[str, float], name: str) -> float:
-    key = f"{name}_spearman_cosine" if args.model_type == "bi" else f"{name}_spearman"
-    return float(metrics[key])
+    return float(metrics[spearman_key(args, name)])
 
 
 def render_card(args: CoSENTRecipeArguments, training_args, loss, results: dict, output_dir: Path) -> Path:
-    """Put the measured results (from `model_cards/cosent.md`) on top of sentence-transformers' own card."""
+    """Put the recipe's summary (from `model_cards/cosent.md`) on top of sentence-transformers' own card, whose
+    Metrics section holds the dev and test figures after training (each once)."""
+    before, after = results["test_spearman_before"], results["test_spearman"]
+    if after is None:
+        test_line = "not evaluated (`--evaluate_test false`)"
+    elif before is None:
+        test_line = f"{after:.4f} after training (not evaluated before)"
+    else:
+        test_line = f"{before:.4f} before training, {after:.4f} after ({after - before:+.4f})"
     card = string.Template(CARD_TEMPLATE.read_text()).substitute(
         model_type={"bi": "bi-encoder (SentenceTransformer)", "cross": "cross-encoder (CrossEncoder)"}[args.model_type],
-        base_model=args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2 (embedded offline copy)",
+        base_model=args.model_name_or_path or f"{MINILM_HUB_ID} (embedded offline copy)",
         dataset=args.dataset_name or "STS Benchmark (embedded offline copy)",
         loss=type(loss).__name__,
         loss_config=json.dumps(loss.get_config_dict(), default=str),
@@ -178,9 +205,8 @@ def render_card(args: CoSENTRecipeArguments, training_args, loss, results: dict,
         batch_size=training_args.per_device_train_batch_size,
         learning_rate=training_args.learning_rate,
         seed=training_args.seed,
-        test_before=f"{results['test_spearman_before']:.4f}" if results["test_spearman_before"] is not None else "n/a",
-        dev_after=f"{results['dev_spearman']:.4f}",
-        test_after=f"{results['test_spearman']:.4f}",
+        test_line=test_line,
+        checkpoint=results["checkpoint"],
         train_seconds=f"{results['train_seconds']:.0f}",
         command=results["command"],
     )
@@ -202,60 +228,98 @@ def main(args: CoSENTRecipeArguments, training_args) -> dict:
     if compile_enabled(training_args):  # static shapes for torch.compile: pad every batch to one of 3 lengths
         bucket_sentence_transformer(model, default_buckets(args.max_seq_length))
     loss = build_loss(args, model)
-    test_evaluator = build_evaluator(args, splits["test"], "sts-test")
-    before = spearman(args, test_evaluator(model), "sts-test") if args.evaluate_before_training else None
+    test_evaluator = build_evaluator(args, splits["test"], "sts-test") if args.evaluate_test else None
+    before = None
+    if test_evaluator is not None and args.evaluate_before_training:
+        before = spearman(args, test_evaluator(model), "sts-test")
+    # One dev evaluator object for the whole run (the card lists each evaluator's metrics once).
+    dev_evaluator = build_evaluator(args, splits["validation"], "sts-dev")
     trainer_cls = SentenceTransformerTrainer if args.model_type == "bi" else CrossEncoderTrainer
     trainer = trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=splits["train"],
-        loss=loss,
-        evaluator=build_evaluator(args, splits["validation"], "sts-dev"),
+        model=model, args=training_args, train_dataset=splits["train"], loss=loss, evaluator=dev_evaluator
     )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
+    dev_curve = [
+        {"step": entry["step"], "dev_spearman": entry[f"eval_{spearman_key(args, 'sts-dev')}"]}
+        for entry in trainer.state.log_history
+        if f"eval_{spearman_key(args, 'sts-dev')}" in entry
+    ]
+    best = trainer.state.best_model_checkpoint
     results = {
         "model_type": args.model_type,
         "loss": args.loss,
         "train_pairs": len(splits["train"]),
         "test_spearman_before": before,
-        "dev_spearman": spearman(args, build_evaluator(args, splits["validation"], "sts-dev")(model), "sts-dev"),
-        "test_spearman": spearman(args, test_evaluator(model), "sts-test"),
+        "dev_spearman": spearman(args, dev_evaluator(model), "sts-dev"),
+        "test_spearman": spearman(args, test_evaluator(model), "sts-test") if test_evaluator is not None else None,
+        "dev_curve": dev_curve,
+        "checkpoint": f"best on dev ({Path(best).name})" if best and training_args.load_best_model_at_end else "last",
         "train_seconds": train_seconds,
         "command": " ".join(["recipes/train_cosent.py", *sys.argv[1:]]),
     }
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         model.save_pretrained(str(output_dir))
+        for checkpoint in output_dir.glob("checkpoint-*"):  # the chosen weights are saved above
+            shutil.rmtree(checkpoint, ignore_errors=True)
         render_card(args, training_args, loss, results, output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2))
-        before_text = f"{before:.4f} -> " if before is not None else ""
-        print(
-            f"\nSTS test Spearman ({args.model_type}-encoder, {type(loss).__name__}): "
-            f"{before_text}{results['test_spearman']:.4f}; model and card saved to {output_dir}"
-        )
+        print(json.dumps({k: v for k, v in results.items() if k != "dev_curve"}, indent=2))
+        if results["test_spearman"] is not None:
+            before_text = f"{before:.4f} -> " if before is not None else ""
+            gain = f" ({results['test_spearman'] - before:+.4f})" if before is not None else ""
+            print(
+                f"\nSTS test Spearman ({args.model_type}-encoder, {type(loss).__name__}): "
+                f"{before_text}{results['test_spearman']:.4f}{gain}; model and card saved to {output_dir}"
+            )
     trainer.accelerator.end_training()
     return results
 
 
+def _given(argv: list[str], name: str) -> str | None:
+    """The value of ``--name`` in ``argv`` (``--name value`` or ``--name=value``), None when absent."""
+    for i, item in enumerate(argv):
+        if item == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith(f"--{name}="):
+            return item.split("=", 1)[1]
+    return None
+
+
 def parse_args(argv: list[str] | None = None):
-    """Recipe arguments first; then the trainer's own arguments for the chosen model type."""
+    """Recipe arguments first; then the trainer's own arguments for the chosen model type.
+
+    The training defaults were chosen on STS-B dev (``python benchmarks/cosent_sts.py --parts bi_sweep``; the sweep
+    and the choice are in benchmarks/results/cosent_sts.json). Dev is evaluated every tenth of the run and the
+    checkpoint with the best dev Spearman is the one kept; checkpoints follow the evaluation schedule unless
+    ``--save_*`` is given.
+    """
     recipe_parser = HfArgumentParser(CoSENTRecipeArguments)
     (args, rest) = recipe_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     args_cls = SentenceTransformerTrainingArguments if args.model_type == "bi" else CrossEncoderTrainingArguments
+    for name in ("strategy", "steps"):  # saving follows evaluation, so the best-on-dev checkpoint exists
+        if _given(rest, f"eval_{name}") is not None and _given(rest, f"save_{name}") is None:
+            rest = [*rest, f"--save_{name}", _given(rest, f"eval_{name}")]
+    no_eval = _given(rest, "eval_strategy") == "no"
     parser = HfArgumentParser(args_cls)
     parser.set_defaults(
         output_dir=f"outputs/cosent-{args.model_type}",
         num_train_epochs=1,
-        per_device_train_batch_size=32,
-        learning_rate=2e-5 if args.model_type == "bi" else 5e-5,
+        per_device_train_batch_size=BI_DEFAULTS["batch_size"] if args.model_type == "bi" else 32,
+        learning_rate=BI_DEFAULTS["learning_rate"] if args.model_type == "bi" else 5e-5,
         warmup_steps=0.1,  # a float is a fraction of the training steps (transformers >= 5)
         eval_strategy="steps",
-        eval_steps=60,
+        eval_steps=0.1,  # a float is a fraction of the training steps
+        save_strategy="no" if no_eval else "steps",
+        save_steps=0.1,
+        save_only_model=True,
+        save_total_limit=1,
+        load_best_model_at_end=not no_eval,
+        metric_for_best_model=spearman_key(args, "sts-dev"),
+        greater_is_better=True,
         logging_steps=20,
-        save_strategy="no",
         report_to="none",
         seed=42,
         dataloader_drop_last=False,

@@ -14,9 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
 
 from ..assets import bbc_news_train_test_split
+
+if TYPE_CHECKING:  # `datasets` is imported where it is used: `import hf_ext` works without it
+    import datasets
 
 
 def _limit(data: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -31,6 +34,8 @@ def lm_blocks(texts: list[str], tokenizer, block_size: int) -> datasets.Dataset:
         raise ValueError(f"`block_size` must be >= 2, got {block_size}.")
     ids = [token for text in texts for token in [*tokenizer(text)["input_ids"], tokenizer.eos_token_id]]
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    import datasets
+
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]})
 
 

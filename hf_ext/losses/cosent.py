@@ -19,7 +19,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses import gradcache as _gradcache
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
-from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.base.losses.merged_forward import embed_columns, merge_feature_batches
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss as _STCoSENTLoss
 from sentence_transformers.util import pairwise_cos_sim, similarity_fct_name
 from torch import Tensor
@@ -259,9 +259,21 @@ class CachedCoSENTLoss(CachedLossMixin, CoSENTLoss):
 
     Built on sentence-transformers' own `CachedLossMixin`: (1) embed every mini-batch without gradients,
     (2) compute the loss over the whole batch and back-propagate it to the embeddings only, (3) re-embed each
-    mini-batch with gradients and feed it the cached embedding gradients. The loss and the gradients equal
-    `CoSENTLoss`'s on the same batch (dropout is replayed with the same random state); the price is a second
-    forward pass. Peak activation memory scales with ``mini_batch_size``, not with the batch size.
+    mini-batch with gradients and feed it the cached embedding gradients; the price is a second forward pass.
+    Peak activation memory scales with ``mini_batch_size``, not with the batch size.
+
+    The two columns are merged into one batch of ``2 * batch`` rows (column 1, then column 2), exactly as
+    `CoSENTLoss` embeds them, and that batch is cut into mini-batches. What holds:
+
+    - without dropout (``model.eval()``, or a model without dropout) the loss and gradients equal `CoSENTLoss`'s
+      on the same batch, to float32 rounding;
+    - in train mode with ``mini_batch_size >= 2 * batch`` (one mini-batch) they equal `CoSENTLoss`'s from the
+      same random state: the same forward with the same dropout masks;
+    - in train mode with smaller mini-batches each mini-batch draws its own dropout masks, so a step's loss is
+      another sample of the same stochastic objective, not `CoSENTLoss`'s number: on 512 STS-B pairs the two
+      differ by about as much as `CoSENTLoss` differs from itself across seeds
+      (benchmarks/results/cosent_sts.json, ``cached``). The gradients are exactly those of the loss of the
+      embeddings the mini-batches produced (their random state is replayed in step 3).
 
     Args:
         model (`SentenceTransformer`): the model to train.
@@ -307,7 +319,11 @@ class CachedCoSENTLoss(CachedLossMixin, CoSENTLoss):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         self._replays_left = 0  # counted by the no-grad pass, spent by the replays (old sentence-transformers)
-        return self.forward_cached(sentence_features, labels)
+        features = list(sentence_features)
+        # CoSENTLoss's layout: both columns in one batch (column 1's rows, then column 2's), cut into mini-batches.
+        merged = merge_feature_batches(features) if len(features) == 2 else None
+        self._merged_columns = 0 if merged is None else len(features)
+        return self.forward_cached([merged] if merged is not None else features, labels)
 
     def embed_minibatch_iter(
         self,
@@ -342,7 +358,10 @@ class CachedCoSENTLoss(CachedLossMixin, CoSENTLoss):
     ) -> Tensor:
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs `labels` (one similarity score per pair).")
-        loss = self.compute_loss_from_embeddings([torch.cat(column) for column in reps], labels)
+        columns = [torch.cat(column) for column in reps]
+        if getattr(self, "_merged_columns", 0):
+            columns = list(columns[0].reshape(self._merged_columns, -1, *columns[0].shape[1:]).unbind(0))
+        loss = self.compute_loss_from_embeddings(columns, labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -5,6 +5,10 @@ geodesic distance is the shortest path through the symmetric k-nearest-neighbour
 the base distance, ``1 - cos``), computed with `scipy.sparse.csgraph`; the similarity is ``-distance`` (higher is
 nearer; only the order matters for ranking and Spearman).
 
+A construction fact: a query's geodesic top-1 is always its cosine top-1 (the cosine-nearest corpus point is reached
+with no path at all, and every other point lies beyond one of the query's attachment points), so recall@1 cannot
+tell the two apart; the ranks below it, pair similarities and medoids (a set's most central point) can differ.
+
 Disconnected graphs: a kNN graph may fall apart into components. Between components there is no path, so the
 distance is defined as the largest finite geodesic distance in the corpus plus the direct base distance of the
 pair: always finite, every cross-component pair farther than every connected one, ordered by the base distance.

@@ -134,7 +134,9 @@ def mutual_proximity(
 
     ``S_q`` is the distribution of q's cosines to the corpus, ``S_d`` that of d's cosines to the ``reference`` points
     (a sample of the queries; by default the other corpus points). ``normal`` fits a Gaussian to each (O(N)
-    memory); ``empiric`` counts (the corpus x reference cosines, O(N x R) memory: refused above ``max_empiric``
+    memory) with the maximum-likelihood moments of the paper and of scikit-hubness: the mean and the population
+    standard deviation (divided by the number of cosines, ``ddof=0``), the same estimator for ``S_q`` and ``S_d``;
+    ``empiric`` counts (the corpus x reference cosines, O(N x R) memory: refused above ``max_empiric``
     corpus points). A ``(queries, corpus)`` matrix in [0, 1], higher is better.
     """
     q, c = _pair(queries, corpus, "cosine")
@@ -145,10 +147,10 @@ def mutual_proximity(
         raise ValueError(f"`corpus` needs at least 3 points for mutual proximity, got {n}.")
     similarity = q @ c.T  # (queries, N)
     if method == "normal":
-        mu_q, sd_q = similarity.mean(1, keepdim=True), similarity.std(1, keepdim=True)
+        mu_q, sd_q = similarity.mean(1, keepdim=True), similarity.std(1, keepdim=True, unbiased=False)
         if reference is not None:
             ref_sim = _reference_similarity(c, reference, 2)
-            mu_d, sd_d = ref_sim.mean(1), ref_sim.std(1)
+            mu_d, sd_d = ref_sim.mean(1), ref_sim.std(1, unbiased=False)
         else:
             mu_d, sd_d = _corpus_moments(c)
         normal = torch.distributions.Normal(0.0, 1.0)
@@ -176,6 +178,7 @@ def mutual_proximity(
 
 
 def _corpus_moments(c: Tensor, chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
+    """Mean and population standard deviation (``ddof=0``) of each corpus point's cosines to the other points."""
     means, stds = [], []
     n = c.shape[0]
     for start in range(0, n, chunk_size):

@@ -1,12 +1,13 @@
 """Exact k nearest neighbours of every point: a fast low-precision screen, then exact re-checks of the few in doubt.
 
-The screen scores all pairs with one matrix product per chunk of rows in a cheap dtype (bfloat16 on CPUs with AMX /
-AVX512-BF16, where it runs ~6x faster than float32). Every screened value ``a`` comes with a rigorous bound, so the
-exact value lies in ``[a - slack, a + slack]``. Per row, a column whose upper end is below the k-th best lower end
-cannot be among the k nearest; a column that fewer than k others can reach is among them whatever the exact
-values; only the columns in between are re-scored, first in float32 (with its own bound), then, if still in doubt,
-in float64. The answer is the exact one (float64 similarities of the float32 input, ties broken by the lower
-index) whatever the screen's dtype: the dtype changes the speed, never the result.
+The screen scores all pairs with one matrix product per chunk of rows in a cheap dtype: bfloat16 where that is
+measured to be faster on this machine (CPUs with fast bf16 matrix units: AMX, or AVX512-BF16 on some), else float32.
+Every screened value ``a`` comes with a rigorous bound, so the exact value lies in ``[a - slack, a + slack]``. Per
+row, a column whose upper end is below the k-th best lower end cannot be among the k nearest; a column that fewer
+than k others can reach is among them whatever the exact values; only the columns in between are re-scored, first in
+float32 (with its own bound), then, if still in doubt, in float64. The answer is the exact one (float64
+similarities of the float32 input, ties broken by the lower index) whatever the screen's dtype: the dtype changes
+the speed, never the result.
 
 The screen's bound, for row ``x_i`` and column ``x_j`` whose screen-dtype copies ``l_i``, ``l_j`` differ from them
 by ``d_i``, ``d_j``: ``|x_i.x_j - a| <= |d_i| |x_j| + |l_i| |d_j| + gamma_K sum_l |row_il key_jl| + B |a|``, where
@@ -55,6 +56,11 @@ SHIFT_SAMPLE = 1024
 SAFETY = 1.0
 # Below this many points a bf16 screen cannot pay for itself; `screen_dtype="auto"` then screens in float32.
 MIN_POINTS_FOR_BF16 = 4096
+# `screen_dtype="auto"` times both screens end to end on a probe of this many Gaussian points (once per process,
+# metric, dimension and thread count) and takes the faster; bfloat16 must win by this factor.
+PROBE_POINTS = 4096
+PROBE_MARGIN = 1.05
+_MEASURED_SCREEN: dict[tuple, torch.dtype] = {}
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 _TF32_ROUNDOFF = 2.0**-11
 # float64 rounding in the bounds themselves and in the re-checks (~1e-16 relative) is covered by a relative slack on
@@ -64,17 +70,48 @@ _TINY = 1e-12
 
 
 def fast_bf16_matmul(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products run natively here (CPU AMX or AVX512-BF16); never on CUDA (its bf16 GEMMs
-    may reduce in bf16, which the error bound does not cover)."""
+    """Whether the CPU reports bf16 matrix instructions (AMX or AVX512-BF16). Informative only: whether they are
+    *faster* than float32 differs between CPUs that report them, so `screen_dtype="auto"` measures instead."""
     if device.type != "cpu":
         return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def _resolve_screen_dtype(screen_dtype: str | torch.dtype, device: torch.device, n: int) -> torch.dtype:
+def probe_seconds(dtype: torch.dtype, metric: str, dim: int) -> float:
+    """Seconds of the exact kNN (k = 10) of `PROBE_POINTS` seeded Gaussian points with a ``dtype`` screen on this
+    CPU: one warm-up, then the best of two (the measurement behind `screen_dtype="auto"`)."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_POINTS, dim, generator=generator, dtype=torch.float32)
+    best = float("inf")
+    for attempt in range(3):
+        start = time.perf_counter()
+        _neighbours(x, 10, metric, 1024, dtype, with_values=False)
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measured_screen_dtype(metric: str, dim: int) -> torch.dtype:
+    """The faster screen on this CPU for ``metric`` and ``dim``, timed once per process (and thread count) by
+    `probe_seconds`; bfloat16 only if it beats float32 by `PROBE_MARGIN`."""
+    key = (metric, dim, torch.get_num_threads())
+    if key not in _MEASURED_SCREEN:
+        fp32 = probe_seconds(torch.float32, metric, dim)
+        bf16 = probe_seconds(torch.bfloat16, metric, dim)
+        _MEASURED_SCREEN[key] = torch.bfloat16 if bf16 * PROBE_MARGIN < fp32 else torch.float32
+    return _MEASURED_SCREEN[key]
+
+
+def _resolve_screen_dtype(
+    screen_dtype: str | torch.dtype, device: torch.device, n: int, metric: str = "cosine", dim: int = 0
+) -> torch.dtype:
     if screen_dtype == "auto":
-        return torch.bfloat16 if n >= MIN_POINTS_FOR_BF16 and fast_bf16_matmul(device) else torch.float32
+        if device.type != "cpu" or n < MIN_POINTS_FOR_BF16:
+            return torch.float32
+        return measured_screen_dtype(metric, dim)
     if screen_dtype in ("float32", torch.float32):
         return torch.float32
     if screen_dtype in ("bfloat16", torch.bfloat16):
@@ -296,8 +333,9 @@ def nearest_neighbours(
         metric (`str`, *optional*, defaults to `"cosine"`): ``cosine`` or ``euclidean``.
         chunk_size (`int`, *optional*, defaults to `1024`): rows screened at once (memory ``chunk_size x N``).
         screen_dtype (`str`, *optional*, defaults to `"auto"`): the screen's matmul dtype: ``bfloat16`` (CPU only)
-            or ``float32``; ``auto`` takes bfloat16 where the CPU runs it natively and ``N >= 4096``. The result
-            does not depend on it.
+            or ``float32``; ``auto`` takes float32 on accelerators and below 4,096 points, else whichever screen a
+            one-off timing on this CPU finds faster (`measured_screen_dtype`, ~0.5 s once per process). The
+            result does not depend on it.
 
     Returns:
         ``(values, indices)``, both ``(N, k)``, best first: float64 similarities (cosine, or minus the squared
@@ -321,7 +359,7 @@ def _neighbours(x, k: int, metric: str, chunk_size: int, screen_dtype, with_valu
     x64, scale = prepare_exact(x, metric)
     n = x64.shape[0]
     check_k(k, n)
-    screen = _Screen(x64, metric, _resolve_screen_dtype(screen_dtype, x64.device, n), k)
+    screen = _Screen(x64, metric, _resolve_screen_dtype(screen_dtype, x64.device, n, metric, x64.shape[1]), k)
     stripes = STRIPES if n >= STRIPES * (k + SCREEN_MARGIN) else 1
     padded = -(-n // stripes) * stripes
     keys_t = screen.keys_t

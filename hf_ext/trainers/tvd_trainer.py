@@ -27,6 +27,20 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return _base_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
+def _add_decoder_inputs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> None:
+    """Seq2seq: the model is called without labels, so build its decoder inputs from them as its own forward does
+    with labels (shifted right after the decoder start token), unless the batch already has them
+    (``DataCollatorForSeq2Seq(model=...)`` adds them)."""
+    base = _base_model(model)
+    if (
+        getattr(base.config, "is_encoder_decoder", False)
+        and inputs.get("decoder_input_ids") is None
+        and inputs.get("decoder_inputs_embeds") is None
+        and hasattr(base, "prepare_decoder_input_ids_from_labels")
+    ):
+        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
 def _align(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal LM: the logit at position t predicts the label at t + 1. The labels move (padded with -100 at the
     end, as transformers' own causal-LM loss does), not the logits: slicing those would copy them."""
@@ -151,6 +165,7 @@ class TVDTrainer(Trainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError("TVDTrainer needs `labels` in every batch (class ids or token ids, -100 to ignore).")
+        _add_decoder_inputs(model, inputs, labels)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         logits, targets = _align(logits, labels, self._tvd_shift and logits.dim() == 3)

@@ -1,8 +1,9 @@
-"""NBCE: equivalence with plain greedy decoding, the processor inside `generate` vs the wrapper, and a naive
-step-by-step reference without KV cache."""
+"""NBCE: the combine step against a reference written from the formula, equivalence with plain greedy decoding, the
+processor inside `generate` vs the wrapper, and a naive step-by-step reference (no KV cache, the reference combine)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,24 +25,78 @@ def _plain_greedy(model, tokenizer, text: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _naive_nbce(model, tokenizer, contexts, question, steps: int, **kwargs) -> list[int]:
-    """The reference: every step, a full forward (no KV cache) over all rows, combine, append one token."""
+def _reference_combine(logits, *, beta=0.25, pooling="entropy", eta=0.1, top_p=0.95, previous=None):
+    """NBCE's combine step written from its formula (float64 numpy, nothing from hf_ext).
+
+    Returns ``(combined, chosen, entropies)``: the combined scores (-inf outside the pooled nucleus), the chosen
+    context (1-based) under entropy pooling (else None) and each context's entropy before the stickiness bonus.
+    """
+    rows = np.asarray(logits, dtype=np.float64)
+    truncated = []
+    for row in rows:
+        logp = row - (row.max() + np.log(np.exp(row - row.max()).sum()))  # log-softmax
+        order = np.argsort(-logp, kind="stable")  # most probable first
+        mass = np.cumsum(np.exp(logp[order]))
+        # the smallest set of most probable tokens whose mass reaches top_p (all of them for top_p = 1)
+        size = len(logp) if top_p >= 1 else int(np.searchsorted(mass, top_p, side="left")) + 1
+        kept = np.full_like(logp, -np.inf)
+        kept[order[:size]] = logp[order[:size]]
+        truncated.append(kept)
+    prior, contexts = truncated[0], truncated[1:]
+    entropies = []
+    for kept in contexts:  # the entropy of the nucleus distribution (renormalised within the nucleus)
+        p = np.exp(kept[np.isfinite(kept)])
+        q = p / p.sum()
+        entropies.append(float(-(q * np.log(q)).sum()))
+    chosen = None
+    if pooling == "entropy":
+        best = None
+        for k, entropy in enumerate(entropies, start=1):
+            score = entropy - (eta if k == previous else 0.0)
+            if best is None or score < best:  # strict: ties go to the lower context
+                best, chosen = score, k
+        pooled = contexts[chosen - 1]
+    elif pooling == "mean":
+        pooled = sum(contexts) / len(contexts)
+    else:
+        pooled = np.max(np.stack(contexts), axis=0)
+    combined = np.empty_like(pooled)
+    for t in range(len(pooled)):
+        if np.isfinite(prior[t]):
+            combined[t] = (1 + beta) * pooled[t] - beta * prior[t]
+        else:  # the context-free prior excludes the token: the pooled term alone
+            combined[t] = pooled[t]
+    return combined, chosen, entropies
+
+
+def _naive_nbce(model, tokenizer, contexts, question, steps: int, **kwargs) -> tuple[list[int], list[int | None]]:
+    """The reference: every step, a full forward (no KV cache) over all rows, the reference combine, one greedy token
+    appended to every row. Returns the tokens and the context entropy pooling took each from."""
     batch = nbce_batch(tokenizer, contexts, question)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    tokens, previous = [], None
+    tokens, chosen_contexts, previous = [], [], None
     for _ in range(steps):
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-        combined, chosen = nbce_combine(logits[:, -1], previous=previous, **kwargs)
-        previous = chosen
-        token = int(combined.argmax())
+        combined, previous, _ = _reference_combine(logits[:, -1].numpy(), previous=previous, **kwargs)
+        token = int(np.argmax(combined))
         tokens.append(token)
+        chosen_contexts.append(previous)
         if token == tokenizer.eos_token_id:
             break
         ids = torch.cat([ids, torch.full((ids.shape[0], 1), token)], dim=1)
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-    return tokens
+    return tokens, chosen_contexts
+
+
+def _peaked(model):
+    """The tiny random Llama with its final norm scaled up: its next-token distributions become peaked (entropies
+    ~3 nats, nuclei of ~1000 of the 49k tokens) instead of near-uniform, so entropy pooling, the stickiness bonus
+    and the nucleus cut all decide the tokens."""
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    return model
 
 
 def test_one_context_and_beta_zero_is_plain_greedy_generate(tiny_llama) -> None:
@@ -50,17 +105,27 @@ def test_one_context_and_beta_zero_is_plain_greedy_generate(tiny_llama) -> None:
     assert answer == _plain_greedy(model, tokenizer, f"{CONTEXTS[0]}\n\n{QUESTION}", 12)
 
 
-@pytest.mark.parametrize("pooling", ["entropy", "mean", "max"])
-def test_wrapper_equals_the_naive_reference_without_kv_cache(tiny_llama, pooling: str) -> None:
+@pytest.mark.parametrize(
+    ("peaked", "settings"),
+    [
+        (False, {"pooling": "entropy", "beta": 0.25, "eta": 0.1, "top_p": 0.95}),
+        (True, {"pooling": "entropy", "beta": 0.25, "eta": 0.1, "top_p": 0.95}),
+        (True, {"pooling": "entropy", "beta": 0.5, "eta": 0.4, "top_p": 0.6}),
+        (True, {"pooling": "mean", "beta": 0.25, "eta": 0.1, "top_p": 0.95}),
+        (True, {"pooling": "max", "beta": 0.25, "eta": 0.1, "top_p": 0.95}),
+        (True, {"pooling": "max", "beta": 0.5, "eta": 0.1, "top_p": 0.6}),
+    ],
+)
+def test_wrapper_equals_the_naive_reference_without_kv_cache(tiny_llama, peaked: bool, settings: dict) -> None:
     model, tokenizer = tiny_llama
+    if peaked:
+        _peaked(model)
     answer, processor = nbce_generate(
-        model, tokenizer, CONTEXTS, QUESTION, pooling=pooling, max_new_tokens=10, return_processor=True
+        model, tokenizer, CONTEXTS, QUESTION, max_new_tokens=10, return_processor=True, **settings
     )
-    reference = _naive_nbce(model, tokenizer, CONTEXTS, QUESTION, 10, pooling=pooling, beta=0.25, eta=0.1, top_p=0.95)
-    assert answer == tokenizer.decode(reference, skip_special_tokens=True)
-    assert len(processor.chosen_contexts) == len(reference)
-    if pooling == "entropy":
-        assert all(1 <= c <= len(CONTEXTS) for c in processor.chosen_contexts)
+    tokens, chosen = _naive_nbce(model, tokenizer, CONTEXTS, QUESTION, 10, **settings)
+    assert answer == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert processor.chosen_contexts == chosen
 
 
 def test_processor_inside_plain_generate_equals_the_wrapper(tiny_llama) -> None:
@@ -140,19 +205,98 @@ def test_bad_input_is_refused_with_the_argument_named(tiny_llama, contexts, ques
         nbce_generate(model, tokenizer, contexts, question, max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
 
 
-def test_combine_follows_the_formula() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    combined, chosen = nbce_combine(logits, beta=0.5, pooling="max", top_p=1.0)
-    logp = torch.log_softmax(logits, dim=-1)
-    torch.testing.assert_close(combined, 1.5 * logp[1:].max(dim=0).values - 0.5 * logp[0])
-    assert chosen is None
-    # entropy pooling picks the most confident context; the stickiness bonus can keep the previous one
-    peaked = torch.zeros(3, 10)
-    peaked[1, 3] = 5.0  # context 1: confident
-    peaked[2, 4] = 4.9  # context 2: almost as confident
-    assert nbce_combine(peaked, top_p=1.0)[1] == 1
-    assert nbce_combine(peaked, top_p=1.0, previous=2, eta=1.0)[1] == 2
+def _step_logits(seed: int, vocab: int = 40) -> torch.Tensor:
+    """Row 0 (the prior) peaked, so its nucleus is small and many tokens fall outside it; contexts of varied
+    sharpness, so their entropies differ."""
+    scales = torch.tensor([3.0, 1.0, 2.0, 0.7, 1.5])[:, None]
+    return torch.randn(5, vocab, generator=torch.Generator().manual_seed(seed)) * scales
+
+
+@pytest.mark.parametrize("pooling", ["entropy", "mean", "max"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.6])
+@pytest.mark.parametrize(("beta", "previous"), [(0.25, None), (0.5, 2), (-0.5, 3), (0.0, 4)])
+def test_combine_equals_the_reference_formula(pooling: str, top_p: float, beta: float, previous: int | None) -> None:
+    for seed in range(3):
+        logits = _step_logits(seed)
+        combined, chosen = nbce_combine(logits, beta=beta, pooling=pooling, eta=0.3, top_p=top_p, previous=previous)
+        expected, expected_chosen, _ = _reference_combine(
+            logits.numpy(), beta=beta, pooling=pooling, eta=0.3, top_p=top_p, previous=previous
+        )
+        assert combined.shape == (40,) and (None if chosen is None else int(chosen)) == expected_chosen
+        expected = torch.from_numpy(expected).float()
+        assert torch.equal(torch.isfinite(combined), torch.isfinite(expected))  # the same tokens cut
+        torch.testing.assert_close(combined, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_nucleus_is_the_smallest_set_reaching_top_p_and_is_not_renormalised() -> None:
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # hand-checked nuclei: {1}, {1, 3}, {0, 1, 3}, everything
+    logits = torch.stack([probs, probs]).log()  # row 0 (the prior) and one context, equal
+    for top_p, kept in [(0.45, [1]), (0.7, [1, 3]), (0.85, [0, 1, 3]), (0.97, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])]:
+        inside = [i in kept for i in range(4)]
+        assert np.isfinite(_reference_combine(logits.numpy(), top_p=top_p)[0]).tolist() == inside
+        for pooling in ("entropy", "mean", "max"):
+            combined, _ = nbce_combine(logits, pooling=pooling, beta=0.5, top_p=top_p)
+            assert torch.isfinite(combined).tolist() == inside
+            torch.testing.assert_close(combined[kept], probs[kept].log())  # (1 + beta) log p - beta log p = log p
+
+
+@pytest.mark.parametrize("pooling", ["entropy", "mean", "max"])
+def test_a_token_outside_the_priors_nucleus_takes_the_pooled_score_alone(pooling: str) -> None:
+    logits = _step_logits(0)
+    prior = torch.log_softmax(logits[0].double(), dim=-1)
+    top = prior.argsort(descending=True)
+    size = int((prior[top].exp().cumsum(0) < 0.6).sum()) + 1  # the prior's nucleus at top_p = 0.6: top[:size]
+    outside = torch.ones(40, dtype=torch.bool)
+    outside[top[:size]] = False
+    combined, _ = nbce_combine(logits, beta=0.5, pooling=pooling, top_p=0.6)
+    pooled = torch.from_numpy(_reference_combine(logits.numpy(), beta=0.0, pooling=pooling, top_p=0.6)[0])
+    assert torch.equal(torch.isfinite(combined), torch.isfinite(pooled))
+    if pooling == "max":
+        assert (outside & torch.isfinite(pooled)).sum() >= 3  # the branch is exercised
+    torch.testing.assert_close(combined[outside].double(), pooled[outside], rtol=1e-5, atol=1e-5)
+    inside = ~outside & torch.isfinite(pooled)
+    torch.testing.assert_close(combined[inside].double(), 1.5 * pooled[inside] - 0.5 * prior[inside], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_entropy_pooling_keeps_the_previous_context_only_within_eta(top_p: float) -> None:
+    for seed in range(4):
+        logits = _step_logits(seed)
+        _, lowest, entropies = _reference_combine(logits.numpy(), top_p=top_p)
+        runner_up = sorted(range(1, 5), key=lambda k: entropies[k - 1])[1]
+        gap = entropies[runner_up - 1] - entropies[lowest - 1]
+        assert gap > 1e-3
+        assert int(nbce_combine(logits, top_p=top_p)[1]) == lowest
+        assert int(nbce_combine(logits, top_p=top_p, previous=runner_up, eta=1.5 * gap)[1]) == runner_up  # sticks
+        assert int(nbce_combine(logits, top_p=top_p, previous=runner_up, eta=0.5 * gap)[1]) == lowest  # moves on
+        assert int(nbce_combine(logits, top_p=top_p, previous=lowest, eta=1.0)[1]) == lowest
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5])
+def test_entropy_pooling_measures_the_renormalised_nucleus(top_p: float) -> None:
+    # Contexts of similar sharpness, small nuclei: the entropy of the nucleus as a distribution (renormalised) and
+    # -sum p log p over the nucleus' raw probabilities (the original NBCE script's) rank the contexts differently.
+    disagree = 0
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(5, 40, generator=g) * (torch.rand(5, 1, generator=g) * 0.3 + 1.0)
+        _, expected, _ = _reference_combine(logits.numpy(), top_p=top_p)
+        assert int(nbce_combine(logits, top_p=top_p)[1]) == expected
+        raw = []
+        for row in torch.log_softmax(logits[1:].double(), dim=-1):
+            p = row.exp().sort(descending=True).values
+            p = p[: int((p.cumsum(0) < top_p).sum()) + 1]
+            raw.append(float(-(p * p.log()).sum()))
+        disagree += int(np.argmin(raw)) + 1 != expected
+    assert disagree >= 3  # the cases where the two definitions part are there
+
+
+def test_entropy_pooling_breaks_ties_by_the_lower_context() -> None:
+    logits = _step_logits(1)
+    logits[2] = logits[3] = logits[1] * 4  # contexts 2 and 3 identical, sharper than the rest
+    assert _reference_combine(logits.numpy())[1] == 2 and int(nbce_combine(logits)[1]) == 2
+    assert int(nbce_combine(logits, previous=3, eta=0.01)[1]) == 3
 
 
 def test_split_into_windows_covers_the_text_with_overlap(tiny_llama) -> None:

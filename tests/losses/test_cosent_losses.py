@@ -77,12 +77,56 @@ def test_cached_cosent_gradients_equal_the_plain_loss(tiny_sentence_transformer)
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_cached_cosent_replays_dropout_in_train_mode(tiny_sentence_transformer) -> None:
+def _seeded_step(model: SentenceTransformer, loss_fn, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    features = _features(model, SENTENCES_A, SENTENCES_B)
+    torch.manual_seed(seed)
+    loss = loss_fn(features, LABELS)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def test_cached_cosent_with_one_mini_batch_equals_the_plain_loss_in_train_mode(tiny_sentence_transformer) -> None:
+    model = tiny_sentence_transformer.train()  # dropout 0.1 on
+    plain_loss, plain_grads = _seeded_step(model, CoSENTLoss(model), seed=7)
+    other_seed, _ = _seeded_step(model, CoSENTLoss(model), seed=8)
+    assert abs(float(other_seed - plain_loss)) > 1e-3  # dropout is really on: another seed, another loss
+    cached_loss, cached_grads = _seeded_step(model, CachedCoSENTLoss(model, mini_batch_size=2 * len(LABELS)), seed=7)
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=0, atol=1e-4)
+    assert cached_grads.keys() == plain_grads.keys()
+    for name, grad in cached_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _bruteforce_cosent(scores: torch.Tensor, labels: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    terms = [scale * (scores[j] - scores[i]) for i in range(len(labels)) for j in range(len(labels))
+             if labels[i] > labels[j]]  # fmt: skip
+    return torch.logsumexp(torch.stack([scores.new_zeros(()), *terms]), dim=0)
+
+
+def test_cached_cosent_gradients_are_those_of_its_mini_batch_forwards_in_train_mode(tiny_sentence_transformer) -> None:
+    # Independent reference: both columns tokenised as one batch (column 1's rows, then column 2's), embedded with
+    # gradients mini-batch by mini-batch from the same seed (each slice trimmed of the padding all its rows share,
+    # as GradCache does), the brute-force pairwise CoSENT on the cosines, one backward.
     model = tiny_sentence_transformer.train()
-    loss = CachedCoSENTLoss(model, mini_batch_size=4)
-    value = loss(_features(model, SENTENCES_A, SENTENCES_B), LABELS)
-    value.backward()
-    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in _grads(model).values())
+    size = 6
+    model.zero_grad(set_to_none=True)
+    merged = model.preprocess(SENTENCES_A + SENTENCES_B)
+    torch.manual_seed(3)
+    parts = []
+    for begin in range(0, 2 * len(LABELS), size):
+        rows = {k: v[begin : begin + size] for k, v in merged.items() if isinstance(v, torch.Tensor)}
+        width = int(rows["attention_mask"].sum(dim=1).max())
+        parts.append(model({k: v[:, :width] for k, v in rows.items()})["sentence_embedding"])
+    a, b = torch.cat(parts).split(len(LABELS))
+    expected = _bruteforce_cosent(torch.nn.functional.cosine_similarity(a, b), LABELS)
+    expected.backward()
+    expected_grads = _grads(model)
+    loss, grads = _seeded_step(model, CachedCoSENTLoss(model, mini_batch_size=size), seed=3)
+    torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=1e-4)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_config_and_citation_feed_the_model_card(tiny_sentence_transformer) -> None:

@@ -3,20 +3,85 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.sparse.csgraph import shortest_path
 
 from hf_ext.retrieval import GeodesicSimilarity
 
 
-def test_geodesic_distances_equal_scipys_on_the_knn_graph() -> None:
-    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
-    geodesic = GeodesicSimilarity(k=4, chunk_size=7, show_progress_bar=False).fit(x)
-    graph = geodesic.graph(x)
-    expected = shortest_path(graph.toarray(), method="FW", directed=False)
-    if np.isfinite(expected).all():
-        np.testing.assert_allclose(geodesic.distances, expected, rtol=1e-5)  # Dijkstra vs Floyd-Warshall sums
-    np.testing.assert_allclose(geodesic.pair_similarity([0, 3], [5, 9]), -expected[[0, 3], [5, 9]], rtol=1e-5)
-    assert (graph != graph.T).nnz == 0  # symmetric
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _knn_graph(x, k: int) -> np.ndarray:
+    """Dense symmetric kNN graph from brute-force cosines: weight 1 - cos, inf where no edge (either end choosing
+    the other makes an edge); neighbours ranked by cosine, ties to the lower index, self excluded."""
+    u = _unit(x)
+    cos = u @ u.T
+    n = len(u)
+    graph = np.full((n, n), np.inf)
+    for i in range(n):
+        for j in sorted((j for j in range(n) if j != i), key=lambda j: (-cos[i, j], j))[:k]:
+            graph[i, j] = graph[j, i] = 1 - cos[i, j]
+    return graph
+
+
+def _reference_distances(x, k: int) -> tuple[np.ndarray, int]:
+    """Floyd-Warshall on the kNN graph; between components (no path) the largest finite path length plus the
+    direct 1 - cos. Returns the distances and the number of components."""
+    d = _knn_graph(x, k)
+    np.fill_diagonal(d, 0.0)
+    for via in range(len(d)):
+        d = np.minimum(d, d[:, via : via + 1] + d[via : via + 1, :])
+    reachable = np.isfinite(d)
+    components = len({tuple(row) for row in reachable})  # points of a component reach exactly the same points
+    u = _unit(x)
+    d[~reachable] = d[reachable].max() + (1 - u @ u.T)[~reachable]
+    return d, components
+
+
+def _reference_query_similarity(queries, corpus, distances: np.ndarray, k: int) -> np.ndarray:
+    """-min over the query's k nearest corpus points i (by cosine, ties to the lower index) of
+    1 - cos(q, i) + D(i, .)."""
+    cos = _unit(queries) @ _unit(corpus).T
+    out = np.empty((len(cos), len(distances)))
+    for row, values in enumerate(cos):
+        nearest = sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+        out[row] = -np.min([1 - values[i] + distances[i] for i in nearest], axis=0)
+    return out
+
+
+def _clusters(seed: int) -> torch.Tensor:
+    """Three tight clusters far apart on the sphere: their 3-NN graphs never link them."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(6)[:3] * 20
+    return torch.cat([torch.randn(8, 6, generator=g) + centre for centre in centres])
+
+
+@pytest.mark.parametrize(
+    ("corpus", "k", "connected"),
+    [
+        (torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), 4, True),
+        (torch.randn(30, 5, generator=torch.Generator().manual_seed(1)), 3, True),
+        (_clusters(2), 3, False),
+        (torch.randn(30, 5, generator=torch.Generator().manual_seed(1)), 2, False),  # falls apart at k = 2
+    ],
+)
+def test_geodesic_distances_equal_floyd_warshall_on_a_brute_force_knn_graph(corpus, k: int, connected: bool) -> None:
+    expected, components = _reference_distances(corpus.numpy(), k)
+    assert (components == 1) == connected  # both kinds of corpus are covered
+    geodesic = GeodesicSimilarity(k=k, chunk_size=7, show_progress_bar=False).fit(corpus)
+    assert geodesic.n_components == components
+    graph = geodesic.graph(corpus).toarray()
+    reference_graph = _knn_graph(corpus.numpy(), k)
+    np.testing.assert_array_equal(graph > 0, np.isfinite(reference_graph))  # the same edges
+    np.testing.assert_allclose(graph[graph > 0], reference_graph[graph > 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(geodesic.distances, expected, rtol=1e-5, atol=1e-6)
+    a, b = np.array([0, 3, 5, 17, 20]), np.array([9, 3, 22, 2, 11])
+    np.testing.assert_allclose(geodesic.pair_similarity(a, b), -expected[a, b], rtol=1e-5, atol=1e-6)
+    queries = torch.randn(4, corpus.shape[1], generator=torch.Generator().manual_seed(9)) + corpus[[0, 9, 17, 23]]
+    np.testing.assert_allclose(geodesic.query_similarity(queries),
+                               _reference_query_similarity(queries.numpy(), corpus.numpy(), expected, k), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_near_neighbours_keep_their_base_distance_and_far_points_go_around() -> None:

@@ -66,6 +66,34 @@ def test_csls_equals_its_formula() -> None:
     torch.testing.assert_close(csls_scores(q, c, 3), 2 * cos - r_q[:, None] - r_d[None, :])
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _moments(values: list[float]) -> tuple[float, float]:
+    """The maximum-likelihood Gaussian of a sample (Schnitzer et al., 2012): mean and sqrt(mean squared deviation)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def _mutual_proximity_normal(q: np.ndarray, c: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """P(S_q < s) P(S_d < s) with each distribution a Gaussian fitted to the point's cosines, loop by loop."""
+    q, c = _unit(q), _unit(c)
+    cos = q @ c.T
+    if reference is None:  # d's cosines to every other corpus point
+        d_samples = [[float(c[d] @ c[j]) for j in range(len(c)) if j != d] for d in range(len(c))]
+    else:  # d's cosines to the reference (query-like) points
+        r = _unit(reference)
+        d_samples = [[float(c[d] @ point) for point in r] for d in range(len(c))]
+    out = np.empty(cos.shape)
+    for i in range(len(q)):
+        mu_q, sd_q = _moments([float(v) for v in cos[i]])
+        for d in range(len(c)):
+            mu_d, sd_d = _moments(d_samples[d])
+            out[i, d] = norm.cdf((cos[i, d] - mu_q) / sd_q) * norm.cdf((cos[i, d] - mu_d) / sd_d)
+    return out
+
+
 def test_mutual_proximity_equals_its_formulas() -> None:
     g = torch.Generator().manual_seed(2)
     q, c = torch.randn(3, 5, generator=g).double(), torch.randn(9, 5, generator=g).double()
@@ -75,10 +103,30 @@ def test_mutual_proximity_equals_its_formulas() -> None:
     others = [np.delete(cc[d], d) for d in range(9)]
     empiric = np.array([[np.mean(s[i] < s[i, d]) * np.mean(others[d] < s[i, d]) for d in range(9)] for i in range(3)])
     np.testing.assert_allclose(mutual_proximity(q, c, method="empiric").numpy(), empiric, atol=1e-6)
-    normal = np.array([[norm.cdf((s[i, d] - s[i].mean()) / s[i].std(ddof=1))
-                        * norm.cdf((s[i, d] - others[d].mean()) / others[d].std()) for d in range(9)]
-                       for i in range(3)])  # fmt: skip
-    np.testing.assert_allclose(mutual_proximity(q, c, method="normal").numpy(), normal, atol=1e-5)
+    expected = _mutual_proximity_normal(q.numpy(), c.numpy())
+    np.testing.assert_allclose(mutual_proximity(q, c, method="normal").numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mutual_proximity_normal_uses_one_estimator_for_queries_reference_and_corpus() -> None:
+    g = torch.Generator().manual_seed(7)
+    q, c, ref = torch.randn(4, 6, generator=g), torch.randn(8, 6, generator=g), torch.randn(5, 6, generator=g)
+    # Few samples (8 corpus cosines per query, 5 reference and 7 corpus cosines per point), so ddof=0 and ddof=1
+    # differ by 6-12% in the standard deviation.
+    got = mutual_proximity(q.double(), c.double(), reference=ref.double()).numpy()
+    expected = _mutual_proximity_normal(q.double().numpy(), c.double().numpy(), ref.double().numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    got = mutual_proximity(q.double(), c.double()).numpy()
+    np.testing.assert_allclose(got, _mutual_proximity_normal(q.double().numpy(), c.double().numpy()), rtol=1e-6,
+                               atol=1e-7)  # fmt: skip
+    # the corpus moments in chunks (the chunk boundary splits the self-exclusion) equal the loop's
+    from hf_ext.retrieval.hubness import _corpus_moments
+
+    cn = torch.nn.functional.normalize(c.double(), dim=1)
+    mean, std = _corpus_moments(cn, chunk_size=3)
+    cc = (cn @ cn.T).numpy()
+    moments = np.array([_moments([float(cc[d, j]) for j in range(8) if j != d]) for d in range(8)])
+    np.testing.assert_allclose(mean.numpy(), moments[:, 0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std.numpy(), moments[:, 1], rtol=1e-9, atol=1e-12)
 
 
 def test_local_scaling_equals_its_formula() -> None:

@@ -115,6 +115,33 @@ def test_k_occurrence_of_real_minilm_embeddings_is_the_same_with_either_screen(m
 
 
 @pytest.mark.parametrize(
+    ("bf16_seconds", "expected"), [(2.0, torch.float32), (0.5, torch.bfloat16), (0.99, torch.float32)]
+)
+def test_auto_takes_the_screen_measured_faster_whatever_the_cpu_flags(
+    monkeypatch: pytest.MonkeyPatch, bf16_seconds: float, expected: torch.dtype
+) -> None:
+    calls = []
+
+    def probe(dtype: torch.dtype, metric: str, dim: int) -> float:  # a machine where only timings differ
+        calls.append((dtype, metric, dim))
+        return bf16_seconds if dtype == torch.bfloat16 else 1.0
+
+    monkeypatch.setattr(knn, "probe_seconds", probe)
+    monkeypatch.setattr(knn, "_MEASURED_SCREEN", {})
+    for flags in (True, False):  # what the CPU reports does not change the choice
+        monkeypatch.setattr(knn, "fast_bf16_matmul", lambda device, flags=flags: flags)
+        assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 10_000, "cosine", 384) == expected
+    assert sorted(calls, key=str) == sorted([(torch.float32, "cosine", 384), (torch.bfloat16, "cosine", 384)], key=str)
+    assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 100, "cosine", 384) == torch.float32  # too few
+    assert len(calls) == 2  # measured once per process, metric and dimension
+
+
+def test_the_probe_times_both_screens_on_this_machine() -> None:
+    seconds = {dtype: knn.probe_seconds(dtype, "cosine", 64) for dtype in (torch.float32, torch.bfloat16)}
+    assert all(0.0 < s < 60.0 for s in seconds.values())
+
+
+@pytest.mark.parametrize(
     ("call", "match"),
     [
         (lambda: nearest_neighbours(torch.randn(5, 3), 5), "`k`"),

@@ -1,7 +1,9 @@
-"""TVDTrainer: cross-entropy at gamma = 0 (vs the stock Trainer), accumulation and multi-process equivalence."""
+"""TVDTrainer: cross-entropy at gamma = 0 (vs the stock Trainer) and a brute-force TaiLr loss at gamma > 0, for
+classification, causal LM, seq2seq and token classification; accumulation and multi-process equivalence."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import datasets
@@ -12,8 +14,13 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorForTokenClassification,
     DataCollatorWithPadding,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
 )
 
@@ -128,6 +135,135 @@ def test_gamma_above_zero_trains_differently_and_logs_weights(tiny_bert_dir, bbc
     gammas = [entry["tvd_gamma"] for entry in logged]
     assert gammas == sorted(gammas) and 0.1 <= gammas[0] < gammas[-1] <= 0.9  # the linear schedule
     assert all(0.2 <= entry["tvd_weight_mean"] < 1.0 for entry in logged)
+
+
+def _brute_force_tailr(logits: torch.Tensor, labels: torch.Tensor, gamma: float, min_weight: float) -> float:
+    """The TaiLr loss target by target: w = p / (gamma + (1 - gamma) p) clamped to [min_weight, 1], mean of -w log p
+    over the targets that are not -100. ``logits`` (..., classes) and ``labels`` (...) already aligned."""
+    flat_logits, flat_labels = logits.detach().double().reshape(-1, logits.shape[-1]), labels.reshape(-1).tolist()
+    total, count = 0.0, 0
+    for row, label in zip(flat_logits, flat_labels, strict=True):
+        if label == -100:
+            continue
+        p = float(torch.softmax(row, dim=0)[label])
+        weight = min(max(p / (gamma + (1 - gamma) * p), min_weight), 1.0)
+        total += -weight * math.log(p)
+        count += 1
+    return total / count
+
+
+def test_gamma_above_zero_trains_differently_from_gamma_zero(tiny_bert_dir, bbc_titles, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    collator = DataCollatorWithPadding(tokenizer)
+    initial = _params(_classifier(tiny_bert_dir))
+    runs = {}
+    for gamma in (0.0, 0.9):
+        model = _classifier(tiny_bert_dir)
+        args = _args(tmp_path / str(gamma), tvd_gamma=gamma, tvd_min_weight=0.2 if gamma else 0.0)
+        trainer = TVDTrainer(model=model, args=args, train_dataset=bbc_titles, data_collator=collator)
+        batch = trainer._prepare_inputs(collator([bbc_titles[i] for i in range(8)]))
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, batch).item()
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert loss == pytest.approx(
+            _brute_force_tailr(logits, batch["labels"], gamma, 0.2 if gamma else 0.0), rel=1e-5
+        )
+        trainer.train()
+        runs[gamma] = (loss, _params(model))
+    assert runs[0.9][0] < 0.8 * runs[0.0][0]  # the weights (about 1/(0.9 + 0.1 * 5) = 0.7 at p = 1/5) scale it down
+    moved = max(float((runs[0.0][1][n] - initial[n]).abs().max()) for n in initial)
+    apart = max(float((runs[0.9][1][n] - runs[0.0][1][n]).abs().max()) for n in initial)
+    assert moved > 5e-3 and apart > 0.1 * moved  # same data, seed and steps: only gamma differs
+
+
+# ----------------------------------------------------------------------------- seq2seq and token classification
+
+
+@pytest.fixture(scope="module")
+def bbc_seq2seq() -> datasets.Dataset:
+    """BBC titles -> the first words of their article (real text of varying lengths), MiniLM's WordPiece tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    data = load_bbc_news().shuffle(seed=2).select(range(48))
+
+    def encode(batch: dict) -> dict:
+        inputs = tokenizer(batch["title"], truncation=True, max_length=24)
+        targets = [" ".join(text.split()[: 4 + i % 7]) for i, text in enumerate(batch["text"])]
+        inputs["labels"] = tokenizer(targets, truncation=True, max_length=16)["input_ids"]
+        return inputs
+
+    return data.map(encode, batched=True).select_columns(["input_ids", "attention_mask", "labels"])
+
+
+def _tiny_t5(vocab_size: int, pad_id: int, eos_id: int) -> T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.0, pad_token_id=pad_id, eos_token_id=eos_id,
+                      decoder_start_token_id=pad_id)  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.fixture(scope="module")
+def bbc_token_tags() -> datasets.Dataset:
+    """BBC titles tagged per word piece (0: a word's first piece, 1: a continuation, 2: punctuation), with -100 on
+    the special tokens, so some targets are ignored besides the padding."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    data = load_bbc_news().shuffle(seed=3).select(range(48))
+
+    def tag(piece: str) -> int:
+        if piece in tokenizer.all_special_tokens:
+            return -100
+        return 1 if piece.startswith("##") else 0 if piece[0].isalnum() else 2
+
+    def encode(batch: dict) -> dict:
+        inputs = tokenizer(batch["title"], truncation=True, max_length=32)
+        inputs["labels"] = [[tag(p) for p in tokenizer.convert_ids_to_tokens(ids)] for ids in inputs["input_ids"]]
+        return inputs
+
+    return data.map(encode, batched=True).select_columns(["input_ids", "attention_mask", "token_type_ids", "labels"])
+
+
+def _tagger(tiny_bert_dir: Path) -> BertForTokenClassification:
+    torch.manual_seed(0)
+    config = BertConfig.from_pretrained(tiny_bert_dir, num_labels=3, **NO_DROPOUT)
+    return BertForTokenClassification.from_pretrained(tiny_bert_dir, config=config)
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "token_classification"])
+def test_gamma_zero_matches_the_stock_trainer_and_gamma_above_zero_is_tailr(
+    task: str, tiny_bert_dir, bbc_seq2seq, bbc_token_tags, tmp_path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    if task == "seq2seq":
+        data = bbc_seq2seq
+
+        def build():
+            return _tiny_t5(tokenizer.vocab_size, tokenizer.pad_token_id, tokenizer.sep_token_id)
+
+        collator = DataCollatorForSeq2Seq(tokenizer)  # labels padded with -100; no decoder_input_ids in the batch
+    else:
+        data, build, collator = (
+            bbc_token_tags,
+            lambda: _tagger(tiny_bert_dir),
+            DataCollatorForTokenClassification(tokenizer),
+        )
+    rows = collator([data[i] for i in range(6)])
+    assert (rows["labels"] == -100).any() and "decoder_input_ids" not in rows  # padding and ignored targets
+    runs = {}
+    for name, cls, gamma in (("trainer", Trainer, 0.0), ("tvd", TVDTrainer, 0.0), ("tailr", TVDTrainer, 0.6)):
+        model = build()
+        args = _args(tmp_path / name, max_steps=6, tvd_gamma=gamma, tvd_min_weight=0.3 if gamma else 0.0)
+        trainer = cls(model=model, args=args, train_dataset=data, data_collator=collator)
+        batch = trainer._prepare_inputs(collator([data[i] for i in range(6)]))
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, batch).item()
+            logits = model(**batch).logits  # the model's own decoder inputs (seq2seq: labels shifted right)
+        expected = _brute_force_tailr(logits, batch["labels"], gamma, 0.3 if gamma else 0.0)
+        assert loss == pytest.approx(expected, rel=1e-5)
+        trainer.train()
+        runs[name] = (loss, _params(model))
+    assert runs["tvd"][0] == pytest.approx(runs["trainer"][0], abs=1e-6)
+    _assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
+    assert any((runs["tailr"][1][n] - runs["tvd"][1][n]).abs().max() > 1e-4 for n in runs["tvd"][1])
 
 
 def _one_step(tiny_llama_dir: Path, data: datasets.Dataset, tmp: Path, batch: int, accumulation: int) -> dict:

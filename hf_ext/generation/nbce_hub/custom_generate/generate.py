@@ -131,8 +131,10 @@ def nbce_combine(
     Args:
         logits (`torch.Tensor` of shape `(1 + n_contexts, vocab)`): row 0 without context, row k with context k.
         beta (`float`, *optional*, defaults to `0.25`): weight of the context-free prior, > -1.
-        pooling (`str`, *optional*, defaults to `"entropy"`): ``entropy`` (lowest-entropy context), ``mean``
-            (average log-probability: PCW-like) or ``max``.
+        pooling (`str`, *optional*, defaults to `"entropy"`): ``entropy`` (lowest-entropy context; the entropy of
+            each row's nucleus renormalised to sum to 1, where the author's script uses the raw truncated
+            probabilities: the two can pick different contexts), ``mean`` (average log-probability: PCW-like) or
+            ``max``.
         eta (`float`, *optional*, defaults to `0.1`): entropy bonus of the previously chosen context (entropy).
         top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of every row before combining.
         previous (`int` or 0-d `torch.Tensor`, *optional*): the context (1-based, global) chosen at the previous step.

@@ -1,0 +1,46 @@
+"""Every committed results file carries the benchmark protocol (benchmarks/_common.py): the machine it ran on, the
+selection split (never the test split), the chosen values and the seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+PRE_PROTOCOL = RESULTS / "pre_protocol"
+MACHINE_KEYS = {"cpu_model", "cpu_has_amx", "cpu_has_avx512_bf16", "threads", "device", "device_name", "torch",
+                "transformers", "sentence_transformers"}  # fmt: skip
+FILES = sorted(RESULTS.glob("*.json"))
+
+
+def test_there_are_results_files() -> None:
+    assert FILES, f"no results files under {RESULTS}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_results_file_carries_the_protocol(path: Path) -> None:
+    data = json.loads(path.read_text())
+    assert list(data)[:2] == ["summary", "protocol"], f"{path.name} must open with summary, then protocol"
+    block = data["protocol"]
+    missing = MACHINE_KEYS - set(block.get("machine", {}))
+    assert not missing, f"{path.name}: protocol.machine lacks {sorted(missing)}"
+    assert isinstance(block["machine"]["cpu_has_amx"], bool) and isinstance(block["machine"]["threads"], int)
+    selection, test = block.get("selection_split"), block.get("test_split")
+    assert isinstance(selection, str) and selection.strip(), f"{path.name}: protocol.selection_split is empty"
+    assert isinstance(test, str) and test.strip(), f"{path.name}: protocol.test_split is empty"
+    assert selection.strip().lower() not in ("test", test.strip().lower()), f"{path.name}: chosen on the test split"
+    assert isinstance(block.get("chosen"), dict), f"{path.name}: protocol.chosen must be a mapping"
+    seeds = block.get("seeds")
+    assert isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), f"{path.name}: seeds"
+
+
+def test_pre_protocol_results_are_each_accounted_for() -> None:
+    """Results measured before the protocol (their settings were chosen on the reported data) live apart, each
+    named in pre_protocol/README.md with the issue that re-runs it."""
+    if not PRE_PROTOCOL.is_dir():
+        return
+    listed = (PRE_PROTOCOL / "README.md").read_text()
+    for path in sorted(PRE_PROTOCOL.glob("*.json")):
+        assert f"`{path.name}`" in listed, f"{path.name} is not accounted for in pre_protocol/README.md"
