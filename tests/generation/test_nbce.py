@@ -374,3 +374,17 @@ def test_sharding_needs_a_process_group(tiny_llama) -> None:
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match=r"`shard_contexts=True` needs an initialised torch\.distributed"):
         nbce_generate(model, tokenizer, CONTEXTS, QUESTION, shard_contexts=True)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat (the candidates double up to the vocabulary) to peaked
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
+def test_the_nucleus_from_top_candidates_is_the_full_sorts(scale: float, top_p: float) -> None:
+    from hf_ext.generation.nbce_hub.custom_generate import generate as nbce_module
+
+    logp = (scale * torch.randn(7, 5000, generator=torch.Generator().manual_seed(1))).log_softmax(dim=-1)
+    fast = nbce_module._top_p_mask(logp, top_p)
+    assert torch.equal(fast, nbce_module._top_p_mask_sorted(logp, top_p))
+    # and the sizes are the reference's: the smallest prefix of the sorted row whose mass reaches top_p
+    sorted_probs = logp.exp().sort(dim=-1, descending=True).values.double()
+    expected = (sorted_probs.cumsum(dim=-1) - sorted_probs < top_p).sum(dim=-1)
+    assert torch.equal(torch.isfinite(fast).sum(dim=-1), expected)

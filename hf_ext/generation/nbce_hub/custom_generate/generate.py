@@ -28,10 +28,13 @@ from transformers import LogitsProcessor, LogitsProcessorList
 POOLINGS = ("entropy", "mean", "max")
 
 
-def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
-    """-inf outside each row's nucleus: the smallest set of tokens whose probability reaches ``top_p``."""
-    if top_p >= 1.0:
-        return logp
+# The nucleus is searched among each row's top candidates (a top-k, far cheaper than sorting the whole vocabulary),
+# doubled until every row's nucleus ends inside them: the same set as a full sort gives.
+NUCLEUS_CANDIDATES = 256
+
+
+def _top_p_mask_sorted(logp: Tensor, top_p: float) -> Tensor:
+    """`_top_p_mask` by a full sort of every row (the compiled path: no data-dependent loop)."""
     sorted_logp, order = logp.sort(dim=-1, descending=True)
     cumulative = sorted_logp.exp().cumsum(dim=-1)
     drop_sorted = (cumulative - sorted_logp.exp()) >= top_p  # keep a token while the mass before it is < top_p
@@ -39,20 +42,49 @@ def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
     return logp.masked_fill(drop, -torch.inf)
 
 
+def _nucleus_candidates(logp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """Each row's nucleus among its best tokens: ``(values, index)`` of the rows' top candidates (best first), the
+    values -inf past the nucleus. `NUCLEUS_CANDIDATES` to start, doubled until the mass before every row's last
+    candidate reaches ``top_p``: then each nucleus lies inside, and the prefix sums are those of a full sort."""
+    vocab = logp.shape[-1]
+    k = min(NUCLEUS_CANDIDATES, vocab)
+    while True:
+        values, index = logp.topk(k, dim=-1)  # (rows, k), best first
+        probs = values.exp()
+        keep = (probs.cumsum(dim=-1) - probs) < top_p  # keep a token while the mass before it is < top_p
+        if k == vocab or not bool(keep[..., -1].any()):
+            return values.masked_fill(~keep, -torch.inf), index
+        k = min(2 * k, vocab)
+
+
+def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
+    """-inf outside each row's nucleus: the smallest set of tokens whose probability reaches ``top_p`` (eager: from
+    `_nucleus_candidates`, without sorting the vocabulary; compiled: a full sort, no data-dependent loop)."""
+    if top_p >= 1.0:
+        return logp
+    if torch.compiler.is_compiling():
+        return _top_p_mask_sorted(logp, top_p)
+    values, index = _nucleus_candidates(logp, top_p)
+    return torch.full_like(logp, -torch.inf).scatter(-1, index, values)
+
+
 def _entropies(conditionals: Tensor) -> Tensor:
-    probs = torch.softmax(conditionals, dim=-1)  # renormalised within each nucleus
+    """Entropy of each row renormalised within its nucleus, in float64: rows a float32 sum could not tell apart
+    (nearly flat distributions) keep the order of their exact entropies, however many -inf entries a row carries."""
+    probs = torch.softmax(conditionals.double(), dim=-1)  # renormalised within each nucleus
     return -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
 
 
 def _pool_local(
-    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None
+    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None, entropy: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Pool the context rows; entropy pooling also returns the chosen context (1-based, a 0-d tensor).
+    """Pool the context rows; entropy pooling also returns the chosen context (1-based, a 0-d tensor). ``entropy``:
+    the rows' entropies when already known (computed here otherwise).
 
     Tensor-only (no ``.item()``, no data-dependent Python branch), so it traces into one `torch.compile` graph.
     """
     if pooling == "entropy":
-        entropy = _entropies(conditionals)
+        entropy = _entropies(conditionals) if entropy is None else entropy
         if previous is not None:  # stickiness: the previously chosen context gets an entropy bonus of eta
             rows = torch.arange(1, conditionals.shape[0] + 1, device=entropy.device)
             entropy = entropy - eta * (rows == previous).to(entropy.dtype)
@@ -66,7 +98,13 @@ def _pool_local(
 
 
 def _pool_sharded(
-    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None, offset: int, vocab: int
+    conditionals: Tensor,
+    pooling: str,
+    eta: float,
+    previous: Tensor | int | None,
+    offset: int,
+    vocab: int,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Pool the context rows of every process; only per-row statistics and one vocabulary row cross processes.
 
@@ -80,7 +118,7 @@ def _pool_sharded(
     device = conditionals.device
     if pooling == "entropy":
         if n_local:
-            entropy = _entropies(conditionals)
+            entropy = _entropies(conditionals) if entropy is None else entropy.clone()
             if previous is not None and offset < previous <= offset + n_local:
                 entropy[previous - 1 - offset] -= eta
             local = torch.stack(
@@ -146,12 +184,19 @@ def nbce_combine(
         context chosen by entropy pooling (global, 1-based, a 0-d tensor; None for mean / max). Without sharding it
         is tensor-only, so it compiles into one graph.
     """
-    logp = _top_p_mask(torch.log_softmax(logits.float(), dim=-1), top_p)  # (rows, vocab)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    entropy = None
+    if top_p < 1.0 and not torch.compiler.is_compiling():  # the nucleus from a top-k, entropies over it alone
+        values, index = _nucleus_candidates(logp, top_p)
+        logp = torch.full_like(logp, -torch.inf).scatter(-1, index, values)
+        entropy = _entropies(values[1:]) if pooling == "entropy" else None
+    else:
+        logp = _top_p_mask(logp, top_p)
     prior, conditionals = logp[0], logp[1:]
     if shard_offset is None:
-        pooled, chosen = _pool_local(conditionals, pooling, eta, previous)
+        pooled, chosen = _pool_local(conditionals, pooling, eta, previous, entropy)
     else:
-        pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, logp.shape[-1])
+        pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, logp.shape[-1], entropy)
     merged = (1.0 + beta) * pooled - beta * prior
     # Where the context-free prior excludes a token (outside its nucleus), use the pooled term alone.
     combined = torch.where(torch.isfinite(prior), merged, pooled)
