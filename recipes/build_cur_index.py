@@ -65,18 +65,22 @@ def load_corpus(args: CURRecipeArguments) -> list[str]:
 
 def main(args: CURRecipeArguments) -> dict:
     items = load_corpus(args)
+    if args.n_anchor_items <= len(items) and args.rerank_k > len(items) - args.n_anchor_items:  # before the build
+        others = len(items) - args.n_anchor_items
+        raise ValueError(f"`rerank_k` ({args.rerank_k}) exceeds the {others} items that are not anchor items: pass at "
+                         f"most {others} (then every item is scored exactly).")  # fmt: skip
     cross_encoder = CrossEncoder(args.cross_encoder or str(minilm_path()), num_labels=1)
     embedder = SentenceTransformer(str(minilm_path())) if args.anchor_strategy == "kmeans" else None
     output = Path(args.output_dir)
     print(f"{len(items)} items; {args.n_anchor_queries} anchor queries x {len(items)} items to score")
     index = CURIndex.build(
-        cross_encoder, items, n_anchor_queries=min(args.n_anchor_queries, len(items)), query_pool=items,
-        n_anchor_items=min(args.n_anchor_items, len(items)), anchor_strategy=args.anchor_strategy, embedder=embedder,
+        cross_encoder, items, n_anchor_queries=args.n_anchor_queries, query_pool=items,
+        n_anchor_items=args.n_anchor_items, anchor_strategy=args.anchor_strategy, embedder=embedder,
         batch_size=args.batch_size, checkpoint_dir=output / "anchor_rows", seed=args.seed,
     )  # fmt: skip
     index.save_pretrained(output)
     queries = args.queries or random.Random(args.seed).sample(items, min(3, len(items)))
-    hits, calls = index.search(queries, top_k=args.top_k, rerank_k=min(args.rerank_k, len(items)))
+    hits, calls = index.search(queries, top_k=args.top_k, rerank_k=args.rerank_k)
     results = []
     for query, query_hits, spent in zip(queries, hits, calls, strict=True):
         print(f"\n{query}  ({spent} cross-encoder calls instead of {len(items)})")

@@ -522,3 +522,24 @@ def test_build_cur_index_builds_saves_and_queries_with_a_progress_bar(tiny_bert_
     assert "CUR: anchor queries x items" in capsys.readouterr().err  # the tqdm bar
     loaded = CURIndex.from_pretrained(str(tmp_path / "index"))
     assert len(loaded.items) == 40 and len(list((tmp_path / "index" / "anchor_rows").glob("*.npy"))) == 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"n_anchor_items": 41}, "`n_anchor_items` \\(41\\) exceeds the number of items \\(40\\)"),
+        ({"n_anchor_queries": 41}, "`n_anchor_queries` must be in \\[1, 40\\]"),
+        ({"rerank_k": 35}, "`rerank_k` \\(35\\) exceeds the 34 items that are not anchor items"),
+    ],
+)
+def test_build_cur_index_refuses_counts_past_the_corpus_instead_of_clamping(
+    tiny_bert_dir: Path, tmp_path: Path, overrides: dict, match: str
+) -> None:
+    import build_cur_index
+
+    args = build_cur_index.CURRecipeArguments(**{
+        "cross_encoder": str(tiny_bert_dir), "max_items": 40, "n_anchor_queries": 8, "n_anchor_items": 6,
+        "rerank_k": 10, "output_dir": str(tmp_path / "index"), **overrides,
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        build_cur_index.main(args)

@@ -61,6 +61,30 @@ def cross_encoder_name(cross_encoder: Any) -> str | None:
     return None
 
 
+def cross_encoder_fingerprint(cross_encoder: Any) -> str | None:
+    """A digest of a cross-encoder's weights (every parameter's name, shape, dtype and a strided sample of at most
+    4,096 of its values, plus its sum), so two fine-tunes of one base model, which share their name, differ; None for
+    a scorer without torch parameters."""
+    parameters = getattr(cross_encoder, "named_parameters", None)
+    if parameters is None:
+        model = getattr(cross_encoder, "model", None)
+        parameters = getattr(model, "named_parameters", None)
+    if not callable(parameters):
+        return None
+    import torch
+
+    digest = hashlib.sha1()
+    seen = False
+    with torch.no_grad():
+        for name, param in parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{float(flat.double().sum())!r}".encode())
+            digest.update(sample.numpy().tobytes())
+            seen = True
+    return digest.hexdigest()[:16] if seen else None
+
+
 def _check_items(items: Sequence[str], name: str) -> list[str]:
     if isinstance(items, str) or not isinstance(items, Sequence) or len(items) == 0:
         raise ValueError(f"`{name}` must be a non-empty list of strings.")
@@ -133,6 +157,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         item_matrix (`np.ndarray` of shape `(len(U), len(items))`): ``pinv(R[:, U]) @ R``.
         anchor_queries (`list[str]`): the anchor queries ``V`` (kept for provenance).
         cross_encoder_name (`str`, *optional*): the Hub id or path of the cross-encoder it was built with.
+        cross_encoder_fingerprint (`str`, *optional*): `cross_encoder_fingerprint` of its weights (tells fine-tunes of
+            one base model apart).
         rcond (`float`, *optional*, defaults to `1e-4`): the pseudo-inverse's relative cut-off it was built with.
         anchor_strategy (`str`, *optional*, defaults to `"random"`): how the anchor items were chosen.
     """
@@ -146,12 +172,14 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         cross_encoder_name: str | None = None,
         rcond: float = DEFAULT_RCOND,
         anchor_strategy: str = "random",
+        cross_encoder_fingerprint: str | None = None,
     ) -> None:
         self.items = list(items)
         self.anchor_item_ids = np.asarray(anchor_item_ids, dtype=np.int64)
         self.item_matrix = np.asarray(item_matrix, dtype=np.float32)
         self.anchor_queries = list(anchor_queries)
         self.cross_encoder_name = cross_encoder_name
+        self.cross_encoder_fingerprint = cross_encoder_fingerprint
         self.rcond = float(rcond)
         self.anchor_strategy = anchor_strategy
         self.cross_encoder: Any = None
@@ -231,7 +259,9 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             folder.mkdir(parents=True, exist_ok=True)
         # A row's file name carries a digest of its query, the items and the cross-encoder, so a rerun with other
         # inputs never reuses it; rows are written to a temporary file and renamed (a killed write leaves no row).
-        context = hashlib.sha1("\n".join(items).encode() + str(cross_encoder_name(cross_encoder)).encode()).hexdigest()
+        fingerprint = cross_encoder_fingerprint(cross_encoder)
+        identity = f"{cross_encoder_name(cross_encoder)}\0{fingerprint}"
+        context = hashlib.sha1("\n".join(items).encode() + identity.encode()).hexdigest()
         rows = []
         for index, query in enumerate(tqdm(anchor_queries, desc="CUR: anchor queries x items",
                                            disable=not show_progress_bar)):  # fmt: skip
@@ -249,7 +279,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         scores = np.stack(rows)  # R: (|V|, N)
         item_matrix = cur_item_matrix(scores, anchor_ids, rcond)
         index = cls(items, anchor_ids, item_matrix, anchor_queries, cross_encoder_name(cross_encoder), rcond,
-                    anchor_strategy)  # fmt: skip
+                    anchor_strategy, fingerprint)  # fmt: skip
         index.cross_encoder = cross_encoder
         return index
 
@@ -267,8 +297,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
     ) -> tuple[list[list[dict[str, Any]]], list[int]]:
         """Approximate every item's score from the anchor items', re-score the best ``rerank_k`` others exactly.
 
-        A query costs ``|U| + rerank_k`` cross-encoder calls (fewer only when the corpus has fewer items): the anchor
-        items, then the ``rerank_k`` best approximate scores among the other items; the top-k is taken from every
+        A query costs ``|U| + rerank_k`` cross-encoder calls: the anchor items, then the ``rerank_k`` best
+        approximate scores among the other items (``rerank_k`` at most ``N - |U|``); the top-k is taken from every
         exactly scored item, anchors included.
 
         Returns:
@@ -279,6 +309,10 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         cross_encoder = self._cross_encoder(cross_encoder)
         if top_k < 1 or rerank_k < top_k:
             raise ValueError(f"Need 1 <= top_k <= rerank_k, got top_k={top_k}, rerank_k={rerank_k}.")
+        others = len(self.items) - len(self.anchor_item_ids)
+        if rerank_k > others:
+            raise ValueError(f"`rerank_k` ({rerank_k}) exceeds the {others} items that are not anchor items: pass at "
+                             f"most {others} (then every item is scored exactly).")  # fmt: skip
         anchors = self.anchor_item_ids.tolist()
         unscored = np.ones(len(self.items), dtype=bool)
         unscored[anchors] = False
@@ -303,10 +337,16 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
     def _cross_encoder(self, cross_encoder: Any) -> Any:
         if cross_encoder is not None:
             name = cross_encoder_name(cross_encoder)
-            if self.cross_encoder_name and name and name != self.cross_encoder_name:
+            fingerprint = cross_encoder_fingerprint(cross_encoder)
+            other_name = bool(self.cross_encoder_name and name and name != self.cross_encoder_name)
+            other_weights = bool(self.cross_encoder_fingerprint and fingerprint
+                                 and fingerprint != self.cross_encoder_fingerprint)  # fmt: skip
+            if other_name or other_weights:
+                what = f"{name!r}" if other_name else f"other weights (fingerprint {fingerprint}, built with " \
+                    f"{self.cross_encoder_fingerprint})"  # fmt: skip
                 warnings.warn(
                     f"This CUR index was built with the cross-encoder {self.cross_encoder_name!r}, but is searched "
-                    f"with {name!r}: its approximate scores only hold for the cross-encoder it was built with.",
+                    f"with {what}: its approximate scores only hold for the cross-encoder it was built with.",
                     stacklevel=3,
                 )
             self.cross_encoder = cross_encoder
@@ -329,6 +369,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         (save_directory / ITEMS_NAME).write_text(json.dumps(texts))
         config = {
             "cross_encoder_name": self.cross_encoder_name,
+            "cross_encoder_fingerprint": self.cross_encoder_fingerprint,
             "rcond": self.rcond,
             "anchor_strategy": self.anchor_strategy,
             "n_items": len(self.items),
@@ -365,7 +406,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         tensors = load_file(str(folder / WEIGHTS_NAME))
         index = cls(texts["items"], tensors["anchor_item_ids"], tensors["item_matrix"], texts["anchor_queries"],
                     config.get("cross_encoder_name"), config.get("rcond", DEFAULT_RCOND),
-                    config.get("anchor_strategy", "random"))  # fmt: skip
+                    config.get("anchor_strategy", "random"), config.get("cross_encoder_fingerprint"))  # fmt: skip
         if cross_encoder is not None:
             index._cross_encoder(cross_encoder)
         return index

@@ -63,7 +63,7 @@ def test_low_rank_scores_are_recovered_from_few_anchors(cross_encoder) -> None:
 
 def test_rerank_over_every_item_gives_the_exact_top_k_and_counts_calls(cross_encoder) -> None:
     index = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[:8], n_anchor_items=8, show_progress_bar=False)
-    hits, calls = index.search(QUERIES[10:15], top_k=5, rerank_k=60)
+    hits, calls = index.search(QUERIES[10:15], top_k=5, rerank_k=52)
     assert [[h["corpus_id"] for h in row] for row in hits] == _exact_top(cross_encoder, QUERIES[10:15], 5)
     assert calls == [60] * 5  # 8 anchors + the 52 other items; anchor scores are reused, not recomputed
     hits, calls = index.search(QUERIES[10:15], top_k=5, rerank_k=10)
@@ -206,3 +206,38 @@ def test_checkpoint_rows_of_other_queries_or_items_are_not_reused(cross_encoder,
     assert cross_encoder.calls == calls + 3 * len(ITEMS)  # scored afresh, not read from the first build's rows
     fresh = CURIndex.build(cross_encoder, ITEMS, anchor_queries=QUERIES[3:6], n_anchor_items=3, show_progress_bar=False)
     np.testing.assert_array_equal(other.item_matrix, fresh.item_matrix)
+
+
+def test_two_fine_tunes_of_one_base_model_are_told_apart(tiny_cross_encoder_dir, tmp_path) -> None:
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from hf_ext.retrieval.cur import cross_encoder_fingerprint, cross_encoder_name
+
+    folders = []
+    for seed in (0, 1):  # two "fine-tunes": the same base, its weights nudged differently, saved apart
+        model = CrossEncoder(str(tiny_cross_encoder_dir), num_labels=1, device="cpu")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param in model.model.parameters():
+                param.add_(1e-3 * torch.randn_like(param))
+        model.save_pretrained(str(tmp_path / f"tune{seed}"))
+        folders.append(str(tmp_path / f"tune{seed}"))
+    first, second = (CrossEncoder(folder, num_labels=1, device="cpu") for folder in folders)
+    for model in (first, second):  # one name for both, as two fine-tunes of one Hub base model report
+        model.model_card_data.base_model = "org/base-cross-encoder"
+    assert cross_encoder_name(first) == cross_encoder_name(second)
+    assert cross_encoder_fingerprint(first) != cross_encoder_fingerprint(second)
+    assert cross_encoder_fingerprint(first) == cross_encoder_fingerprint(CrossEncoder(folders[0], num_labels=1))
+    items = ITEMS[:12]
+    rows = tmp_path / "rows"
+    index = CURIndex.build(first, items, anchor_queries=QUERIES[:3], n_anchor_items=4, checkpoint_dir=rows,
+                           show_progress_bar=False)  # fmt: skip
+    CURIndex.build(second, items, anchor_queries=QUERIES[:3], n_anchor_items=4, checkpoint_dir=rows,
+                   show_progress_bar=False)  # fmt: skip
+    assert len(list(rows.glob("*.npy"))) == 6  # the second fine-tune's rows are its own, never the first's
+    index.save_pretrained(tmp_path / "index")
+    loaded = CURIndex.from_pretrained(str(tmp_path / "index"))
+    assert loaded.cross_encoder_fingerprint == cross_encoder_fingerprint(first)
+    with pytest.warns(UserWarning, match="other weights"):
+        loaded.search(QUERIES[5:6], top_k=2, rerank_k=3, cross_encoder=second)
