@@ -16,8 +16,8 @@ Parts:
 
 - ``bi_sweep``: hf_ext's CoSENTLoss on the embedded all-MiniLM-L6-v2, seed 0: a coordinate search over learning
   rate and batch size, each 1-D sweep extended until dev's best is inside it: these become the recipe's defaults
-  (`BI_DEFAULTS`). The peers with another objective (AnglELoss, CosineSimilarityLoss) get their own learning-rate
-  sweep at that batch size; sentence-transformers' CoSENTLoss shares hf_ext's objective and its setting.
+  (`BI_DEFAULTS`). The peer with another objective (CosineSimilarityLoss) gets its own learning-rate sweep at that
+  batch size; sentence-transformers' CoSENTLoss shares hf_ext's objective and its setting.
 - ``cross_sweep``: MiniLM + a fresh 1-logit head. CrossEncoderCoSENTLoss's scale (at learning rate 5e-5), then
   its learning rate at the chosen scale; BinaryCrossEntropyLoss's and MSELoss's learning rates. The chosen scale
   is the class's default, the chosen learning rate the recipe's.
@@ -64,7 +64,8 @@ RECIPE = ROOT / "recipes" / "train_cosent.py"
 
 # CachedCoSENTLoss is the same objective (part ``cached`` measures how its steps relate to CoSENTLoss's); it has no
 # quality row of its own.
-BI_LOSSES = ["cosent", "st_cosent", "st_angle", "st_cosine"]
+# AnglELoss (a CoSENT variant) is not run: on 2 CPU cores the budget goes to the peers with another objective.
+BI_LOSSES = ["cosent", "st_cosent", "st_cosine"]
 CROSS_LOSSES = ["cosent", "st_bce", "st_mse"]
 SEEDS = [0, 1, 2]
 SWEEP_SEED = 0
@@ -83,7 +84,36 @@ BI_SCALE = 20.0
 SPEED_BATCHES = [64, 1024, 16384]
 RUNS_DIR = Path(tempfile.gettempdir()) / "hf_ext_cosent_sts_runs"
 _LOCK = threading.Lock()
-_SLOTS = threading.BoundedSemaphore(1)  # training runs at a time (--jobs), across concurrently running parts
+
+
+class _Slots:
+    """At most ``jobs`` training runs at a time across the parts running side by side; a waiting run of the
+    bi-encoder sweep (the longest chain of runs that depend on each other) goes first."""
+
+    def __init__(self, jobs: int) -> None:
+        self.free, self.waiting, self.cond = jobs, [], threading.Condition()
+
+    def __call__(self, priority: int):
+        slots = self
+
+        class _Held:
+            def __enter__(self) -> None:
+                with slots.cond:
+                    ticket = (priority, time.monotonic())
+                    slots.waiting.append(ticket)
+                    slots.cond.wait_for(lambda: slots.free > 0 and min(slots.waiting) == ticket)
+                    slots.waiting.remove(ticket)
+                    slots.free -= 1
+
+            def __exit__(self, *exc: object) -> None:
+                with slots.cond:
+                    slots.free += 1
+                    slots.cond.notify_all()
+
+        return _Held()
+
+
+_SLOTS = _Slots(1)  # training runs at a time (--jobs)
 
 
 # ----------------------------------------------------------------------------------------------- training runs
@@ -113,7 +143,7 @@ def _train(spec: dict) -> dict:
     if spec.get("scale") is not None:
         argv += ["--scale", str(spec["scale"])]
     env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    with _SLOTS:
+    with _SLOTS(0 if spec["model_type"] == "bi" and spec["loss"] == "cosent" else 1):
         start = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=4 * 3600)
     if proc.returncode != 0:
@@ -231,7 +261,7 @@ def part_bi_sweep(data: dict, out: Path, jobs: int) -> None:
     chosen["bi_cosent"] = cosent
     bases = {
         loss: {"model_type": "bi", "loss": loss, "batch_size": cosent["batch_size"], "scale": scale}
-        for loss, scale in (("st_angle", BI_SCALE), ("st_cosine", None))
+        for loss, scale in (("st_cosine", None),)
     }
     sweeps = run_parallel([lambda base=base: sweep_1d(data, out, base, "learning_rate", LR_LADDER, BI_LR_START, jobs)
                            for base in bases.values()], len(bases))  # fmt: skip
@@ -266,10 +296,8 @@ def chosen_spec(data: dict, model_type: str, loss: str) -> dict:
         cosent = chosen["bi_cosent"]
         spec = {"model_type": "bi", "loss": loss, "batch_size": cosent["batch_size"], "scale": BI_SCALE,
                 "learning_rate": cosent["learning_rate"]}  # fmt: skip
-        if loss in ("st_angle", "st_cosine"):
-            spec["learning_rate"] = chosen[f"bi_{loss}"]["value"]
-        if loss == "st_cosine":
-            spec["scale"] = None
+        if loss == "st_cosine":  # its own objective: its own learning rate, no scale
+            spec["learning_rate"], spec["scale"] = chosen["bi_st_cosine"]["value"], None
         return spec
     spec = {"model_type": "cross", "loss": loss, "batch_size": CROSS_BATCH, "scale": None,
             "learning_rate": chosen[f"cross_{loss}"]["value"]}  # fmt: skip
@@ -411,7 +439,6 @@ def cached(data: dict, out: Path, batch: int, seeds: int) -> None:
 NAMES = {
     ("bi", "cosent"): "bi_hf_ext",
     ("bi", "st_cosent"): "bi_st_cosent",
-    ("bi", "st_angle"): "bi_st_angle",
     ("bi", "st_cosine"): "bi_st_cosine",
     ("cross", "cosent"): "ce_cosent_default",
     ("cross", "st_bce"): "ce_bce",
@@ -452,7 +479,6 @@ def summarize(data: dict) -> dict:
             s[f"{name}_spearman"], s[f"{name}_std"], s[f"{name}_seeds"] = stats["mean"], stats["std"], stats["n"]
     for a, b, key in (("bi_hf_ext", "bi_st_cosent", "bi_hf_ext_minus_st_cosent_paired"),
                       ("bi_hf_ext", "bi_st_cosine", "bi_hf_ext_minus_st_cosine_paired"),
-                      ("bi_hf_ext", "bi_st_angle", "bi_hf_ext_minus_st_angle_paired"),
                       ("ce_cosent_default", "ce_bce", "ce_cosent_minus_bce_paired"),
                       ("ce_cosent_default", "ce_mse", "ce_cosent_minus_mse_paired")):  # fmt: skip
         if scores.get(a) and scores.get(b) and set(scores[a]) & set(scores[b]):
@@ -527,7 +553,7 @@ def table(data: dict) -> str:
     lines = ["| STS-B test Spearman, dev-chosen settings | loss | setting (chosen on dev) | test Spearman |",
              "|---|---|---|---|"]  # fmt: skip
     labels = {"cosent": "hf_ext CoSENTLoss", "cached_cosent": "hf_ext CachedCoSENTLoss (mini-batch 32)",
-              "st_cosent": "sentence-transformers CoSENTLoss", "st_angle": "sentence-transformers AnglELoss",
+              "st_cosent": "sentence-transformers CoSENTLoss",
               "st_cosine": "sentence-transformers CosineSimilarityLoss"}  # fmt: skip
     cross_labels = {"cosent": "hf_ext CrossEncoderCoSENTLoss", "st_bce": "sentence-transformers BinaryCrossEntropyLoss",
                     "st_mse": "sentence-transformers MSELoss"}  # fmt: skip
@@ -543,7 +569,6 @@ def table(data: dict) -> str:
     lines.append("|---|---|")
     for key, label in (("bi_hf_ext_minus_st_cosent_paired", "hf_ext CoSENTLoss - sentence-transformers CoSENTLoss"),
                        ("bi_hf_ext_minus_st_cosine_paired", "hf_ext CoSENTLoss - CosineSimilarityLoss"),
-                       ("bi_hf_ext_minus_st_angle_paired", "hf_ext CoSENTLoss - AnglELoss"),
                        ("ce_cosent_minus_bce_paired", "CrossEncoderCoSENTLoss - BinaryCrossEntropyLoss"),
                        ("ce_cosent_minus_mse_paired", "CrossEncoderCoSENTLoss - MSELoss")):  # fmt: skip
         if f"{key}_detail" in s:
@@ -580,7 +605,7 @@ def main() -> None:
     ))  # fmt: skip
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     global _SLOTS
-    _SLOTS = threading.BoundedSemaphore(args.jobs)
+    _SLOTS = _Slots(args.jobs)
     actions = {
         "bi_sweep": lambda: part_bi_sweep(data, args.output, args.jobs),
         "cross_sweep": lambda: part_cross_sweep(data, args.output, args.jobs),

@@ -1,0 +1,50 @@
+"""The CoSENT recipe's defaults are the ones STS-B dev chose in the committed benchmark
+(benchmarks/results/cosent_sts.json), never a test-split figure and never a number typed by hand."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+from hf_ext import CrossEncoderCoSENTLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cosent_sts.json"
+RECIPE = ROOT / "recipes" / "train_cosent.py"
+
+
+def _recipe_constant(name: str) -> object:
+    """A module-level constant of the recipe, read from its source (no import of the training stack)."""
+    for node in ast.parse(RECIPE.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{RECIPE.name} defines no {name}")
+
+
+def _results() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def test_bi_encoder_defaults_are_the_best_dev_run_of_the_committed_sweep() -> None:
+    data = _results()
+    defaults = _recipe_constant("BI_DEFAULTS")
+    chosen = data["protocol"]["chosen"].get("bi_cosent")
+    if chosen is not None:  # the finished sweep's choice
+        assert defaults == {"batch_size": chosen["batch_size"], "learning_rate": chosen["learning_rate"]}
+        return
+    key = ("bi", "cosent", data["protocol"]["sweep_seed"])
+    sweep = [r for r in data["runs"].values() if (r["model_type"], r["loss"], r["seed"]) == key]
+    assert sweep, "no bi-encoder sweep runs in cosent_sts.json"
+    best = max(sweep, key=lambda r: r["dev_spearman"])
+    assert defaults == {"batch_size": best["batch_size"], "learning_rate": best["learning_rate"]}
+
+
+def test_cross_encoder_cosent_default_scale_is_the_dev_choice_once_made() -> None:
+    chosen = _results()["protocol"]["chosen"].get("cross_cosent_scale")
+    default = inspect.signature(CrossEncoderCoSENTLoss).parameters["scale"].default
+    if chosen is None:  # the scale sweep has not finished: the class keeps the method's published default
+        assert default == 1.0
+    else:
+        assert default == chosen["value"]
