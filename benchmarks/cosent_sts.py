@@ -603,6 +603,7 @@ def main() -> None:
         chosen={}, seeds=SEEDS, sweep_seed=SWEEP_SEED,
         runs_note="each run: recipes/train_cosent.py defaults, one thread, best-on-dev checkpoint",
     ))  # fmt: skip
+    data["protocol"]["chosen"] = data.setdefault("chosen", {})  # one mapping: what the sweeps choose is the protocol's
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     global _SLOTS
     _SLOTS = _Slots(args.jobs)

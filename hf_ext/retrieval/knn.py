@@ -54,11 +54,15 @@ STRIPES = 16
 SHIFT_SAMPLE = 1024
 # Every error bound is multiplied by this (see the module docstring).
 SAFETY = 1.0
-# Below this many points a bf16 screen cannot pay for itself; `screen_dtype="auto"` then screens in float32.
-MIN_POINTS_FOR_BF16 = 4096
-# `screen_dtype="auto"` times both screens end to end on a probe of this many Gaussian points (once per process,
-# metric, dimension and thread count) and takes the faster; bfloat16 must win by this factor.
-PROBE_POINTS = 4096
+# Below this many points `screen_dtype="auto"` screens in float32 without timing anything: a bf16 screen saves less
+# there (on 2 AMD EPYC cores, 0.3 s at 10k points) than the one-off timing costs (about 1.6 s at 384 dimensions).
+MIN_POINTS_FOR_BF16 = 16384
+# `screen_dtype="auto"` times both screens (once per process, metric, dimension and thread count) on the first
+# PROBE_ROWS rows of PROBE_POINTS Gaussian points, a real chunk's shape (a whole 4,096-point kNN is dominated by fixed
+# costs: on 2 AMD EPYC cores it timed bf16 only 1.08x faster where a 50k-point run is 2.2x), and takes the faster;
+# bfloat16 must win by PROBE_MARGIN.
+PROBE_POINTS = 16384
+PROBE_ROWS = 2048
 PROBE_MARGIN = 1.05
 _MEASURED_SCREEN: dict[tuple, torch.dtype] = {}
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
@@ -79,16 +83,18 @@ def fast_bf16_matmul(device: torch.device) -> bool:
 
 
 def probe_seconds(dtype: torch.dtype, metric: str, dim: int) -> float:
-    """Seconds of the exact kNN (k = 10) of `PROBE_POINTS` seeded Gaussian points with a ``dtype`` screen on this
-    CPU: one warm-up, then the best of two (the measurement behind `screen_dtype="auto"`)."""
+    """Seconds this CPU takes, with a ``dtype`` screen, for the exact neighbours (k = 10) of `PROBE_ROWS` rows among
+    `PROBE_POINTS` seeded Gaussian points: the screen's matrix product at a real chunk's shape plus the re-checks it
+    leaves, set-up excluded; one warm-up, then the best of two (the measurement behind `screen_dtype="auto"`)."""
     import time
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_POINTS, dim, generator=generator, dtype=torch.float32)
+    x64, _ = prepare_exact(torch.randn(PROBE_POINTS, dim, generator=generator, dtype=torch.float32), metric)
+    search = _Search(x64, metric, dtype, 10, 1024, with_values=False)
     best = float("inf")
     for attempt in range(3):
         start = time.perf_counter()
-        _neighbours(x, 10, metric, 1024, dtype, with_values=False)
+        search.run(PROBE_ROWS)
         if attempt:
             best = min(best, time.perf_counter() - start)
     return best
@@ -333,8 +339,8 @@ def nearest_neighbours(
         metric (`str`, *optional*, defaults to `"cosine"`): ``cosine`` or ``euclidean``.
         chunk_size (`int`, *optional*, defaults to `1024`): rows screened at once (memory ``chunk_size x N``).
         screen_dtype (`str`, *optional*, defaults to `"auto"`): the screen's matmul dtype: ``bfloat16`` (CPU only)
-            or ``float32``; ``auto`` takes float32 on accelerators and below 4,096 points, else whichever screen a
-            one-off timing on this CPU finds faster (`measured_screen_dtype`, ~0.5 s once per process). The
+            or ``float32``; ``auto`` takes float32 on accelerators and below 16,384 points, else whichever screen
+            a one-off timing on this CPU finds faster (`measured_screen_dtype`, ~1.6 s once per process). The
             result does not depend on it.
 
     Returns:
@@ -359,26 +365,43 @@ def _neighbours(x, k: int, metric: str, chunk_size: int, screen_dtype, with_valu
     x64, scale = prepare_exact(x, metric)
     n = x64.shape[0]
     check_k(k, n)
-    screen = _Screen(x64, metric, _resolve_screen_dtype(screen_dtype, x64.device, n, metric, x64.shape[1]), k)
-    stripes = STRIPES if n >= STRIPES * (k + SCREEN_MARGIN) else 1
-    padded = -(-n // stripes) * stripes
-    keys_t = screen.keys_t
-    if padded > n:
-        keys_t = torch.cat([keys_t, keys_t.new_zeros(keys_t.shape[0], padded - n)], dim=1)
-    values = torch.empty(n, k, dtype=torch.float64, device=x64.device)
-    indices = torch.empty(n, k, dtype=torch.long, device=x64.device)
-    buffer = torch.empty(min(chunk_size, n), padded, dtype=screen.dtype, device=x64.device)
-    width = min(k + SCREEN_MARGIN, padded // stripes)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        operand, row_terms, shift = screen.operands(start, stop)
-        scores = torch.mm(operand, keys_t, out=buffer[: stop - start])  # (R, padded), screened
-        scores[:, n:] = -torch.inf
-        rows = torch.arange(start, stop, device=x64.device)
-        scores[rows - start, rows] = -torch.inf  # self excluded
-        chunk = _Chunk(screen, rows, row_terms, shift, with_values)
-        width = _select(scores, chunk, stripes, width, values[start:stop], indices[start:stop])
-    return (values / scale**2 if scale != 1.0 else values), indices
+    dtype = _resolve_screen_dtype(screen_dtype, x64.device, n, metric, x64.shape[1])
+    search = _Search(x64, metric, dtype, k, chunk_size, with_values)
+    search.run(n)
+    return (search.values / scale**2 if scale != 1.0 else search.values), search.indices
+
+
+class _Search:
+    """The exact kNN of every row of ``x64`` (float64, prepared), chunk by chunk: the screen's keys, the output
+    and the working buffer, made once; `run` fills the rows of the first chunks."""
+
+    def __init__(self, x64: Tensor, metric: str, dtype: torch.dtype, k: int, chunk_size: int, with_values: bool):
+        n = x64.shape[0]
+        self.n, self.chunk_size, self.with_values = n, chunk_size, with_values
+        self.screen = _Screen(x64, metric, dtype, k)
+        self.stripes = STRIPES if n >= STRIPES * (k + SCREEN_MARGIN) else 1
+        padded = -(-n // self.stripes) * self.stripes
+        self.keys_t = self.screen.keys_t
+        if padded > n:
+            self.keys_t = torch.cat([self.keys_t, self.keys_t.new_zeros(self.keys_t.shape[0], padded - n)], dim=1)
+        self.values = torch.empty(n, k, dtype=torch.float64, device=x64.device)
+        self.indices = torch.empty(n, k, dtype=torch.long, device=x64.device)
+        self.buffer = torch.empty(min(chunk_size, n), padded, dtype=dtype, device=x64.device)
+        self.width = min(k + SCREEN_MARGIN, padded // self.stripes)
+
+    def run(self, rows: int) -> None:
+        """The neighbours of rows ``0 .. rows - 1`` (all of them: ``rows = n``)."""
+        n, device = self.n, self.values.device
+        for start in range(0, rows, self.chunk_size):
+            stop = min(start + self.chunk_size, rows)
+            operand, row_terms, shift = self.screen.operands(start, stop)
+            scores = torch.mm(operand, self.keys_t, out=self.buffer[: stop - start])  # (R, padded), screened
+            scores[:, n:] = -torch.inf
+            ids = torch.arange(start, stop, device=device)
+            scores[ids - start, ids] = -torch.inf  # self excluded
+            chunk = _Chunk(self.screen, ids, row_terms, shift, self.with_values)
+            self.width = _select(scores, chunk, self.stripes, self.width, self.values[start:stop],
+                                 self.indices[start:stop])  # fmt: skip
 
 
 class _Chunk:

@@ -130,9 +130,9 @@ def test_auto_takes_the_screen_measured_faster_whatever_the_cpu_flags(
     monkeypatch.setattr(knn, "_MEASURED_SCREEN", {})
     for flags in (True, False):  # what the CPU reports does not change the choice
         monkeypatch.setattr(knn, "fast_bf16_matmul", lambda device, flags=flags: flags)
-        assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 10_000, "cosine", 384) == expected
+        assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 50_000, "cosine", 384) == expected
     assert sorted(calls, key=str) == sorted([(torch.float32, "cosine", 384), (torch.bfloat16, "cosine", 384)], key=str)
-    assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 100, "cosine", 384) == torch.float32  # too few
+    assert knn._resolve_screen_dtype("auto", torch.device("cpu"), 10_000, "cosine", 384) == torch.float32  # too few
     assert len(calls) == 2  # measured once per process, metric and dimension
 
 
