@@ -26,7 +26,7 @@ from .assets import (
 from .data import BucketPadCollator, default_buckets
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
 from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, tvd_loss
-from .optim import ProjectedAdamW, create_projected_optimizer
+from .optim import ProjectedAdamW, StepInBackward, create_projected_optimizer, estimate_training_memory
 from .retrieval import CURIndex
 from .trainers import RecompileCounter, TVDConfig, TVDTrainer, tvd_compute_loss_func
 
@@ -42,6 +42,7 @@ __all__ = [
     "CrossEncoderCoSENTLoss",
     "ProjectedAdamW",
     "RecompileCounter",
+    "StepInBackward",
     "TVDConfig",
     "TVDTrainer",
     "__version__",
@@ -53,6 +54,7 @@ __all__ = [
     "cosent_loss",
     "create_projected_optimizer",
     "default_buckets",
+    "estimate_training_memory",
     "get_rank",
     "get_world_size",
     "is_distributed",

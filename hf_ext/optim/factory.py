@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from .freeing import StepInBackward
 from .projected_adamw import ProjectedAdamW
 
 ALL_LINEAR = "all-linear"
@@ -69,12 +70,17 @@ def create_projected_optimizer(
     rank: int,
     lr: float,
     weight_decay: float = 1e-2,
+    step_in_backward: bool = False,
     **kwargs: Any,
-) -> ProjectedAdamW:
+) -> ProjectedAdamW | StepInBackward:
     """A `ProjectedAdamW` whose target weights are projected at ``rank``; everything else gets exact AdamW.
 
     Three groups: the target weights (``rank``, ``weight_decay``); other weights (``weight_decay``); biases, norms
-    and other 1-D parameters (no weight decay, as `Trainer` does).
+    and other 1-D parameters (no weight decay, as `Trainer` does). The groups carry the parameters' names
+    (``param_names``), which error messages use.
+
+    Build it after `fully_shard` (FSDP2) when sharding by hand, or before ``accelerate``'s preparation, which swaps
+    the parameters for their shards (`ProjectedAdamW` and `StepInBackward` follow the swap).
 
     Args:
         model (`torch.nn.Module`): the model to train (its trainable parameters).
@@ -83,6 +89,13 @@ def create_projected_optimizer(
         rank (`int`): projection rank (>= 1). A weight whose shorter side is below it gets full AdamW.
         lr (`float`): learning rate.
         weight_decay (`float`, *optional*, defaults to `1e-2`): decoupled weight decay of the weights.
+        step_in_backward (`bool`, *optional*, defaults to `False`): return a `StepInBackward`, which steps each
+            weight and frees its gradient during backward (peak memory: weights + state + the largest gradient).
+            Its `step` has nothing left to do, so ``Trainer(..., optimizers=(optimizer, None))`` works unchanged
+            with ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (both refused otherwise: a ValueError
+            at the first backward that would need them). One process or FSDP2; refused under DDP. Weights shared by
+            several modules (tied embeddings) step after backward instead (`StepInBackward`'s
+            ``step_after_backward``).
         kwargs: the other `ProjectedAdamW` arguments (``betas``, ``eps``, ``projection``, ``update_interval``,
             ``scale``, ``seed``).
 
@@ -99,25 +112,38 @@ def create_projected_optimizer(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"`rank` must be an int >= 1, got {rank!r}.")
+    if step_in_backward and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "`step_in_backward=True` cannot be used with DDP: the gradient hooks fire before DDP's all-reduce, so each "
+            "rank would step with its own gradient. Shard the model with FSDP2 (`fully_shard`), or keep "
+            "`step_in_backward=False`."
+        )
     projected = {id(param) for _, param in _projected_parameters(model, target_modules)}
     if not projected:
         raise ValueError(f"`target_modules` {target_modules!r} matches no trainable 2-D weight of the model.")
     groups: dict[str, list] = {"projected": [], "decay": [], "no_decay": []}
-    for param in model.parameters():
+    for name, param in model.named_parameters():  # each parameter once (shared ones under their first name)
         if not param.requires_grad:
             continue
         if id(param) in projected:
-            groups["projected"].append(param)
+            groups["projected"].append((name, param))
         elif param.dim() >= 2:
-            groups["decay"].append(param)
+            groups["decay"].append((name, param))
         else:
-            groups["no_decay"].append(param)
+            groups["no_decay"].append((name, param))
     param_groups = [{"params": groups["projected"], "rank": rank, "weight_decay": weight_decay}]
     if groups["decay"]:
         param_groups.append({"params": groups["decay"], "weight_decay": weight_decay})
     if groups["no_decay"]:
         param_groups.append({"params": groups["no_decay"], "weight_decay": 0.0})
-    return ProjectedAdamW(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    optimizer = ProjectedAdamW(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    if not step_in_backward:
+        return optimizer
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    shared = [name for name, param in model.named_parameters() if param.requires_grad and uses[id(param)] > 1]
+    return StepInBackward(optimizer, step_after_backward=shared)
 
 
 def optimizer_state_bytes(optimizer) -> int:

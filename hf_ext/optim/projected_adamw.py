@@ -9,27 +9,54 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .projection import (
-    change_basis,
-    change_basis_second_moment,
-    project,
-    projection_side,
-    random_basis,
-    side_length,
-    svd_basis,
+from .projection import carry_first_moment, carry_second_moment, projection_side, random_basis, side_length, svd_basis
+from .sharded import (
+    RowShard,
+    as_row_sharded,
+    broadcast_basis,
+    local,
+    place_loaded_state,
+    project_rows,
+    row_shard,
+    rows_of,
+    transition,
 )
 
 PROJECTIONS = ("random", "svd")
 BasisFn = Callable[[Tensor, int, str], Tensor]  # (grad, rank, side) -> (side_length, rank) orthonormal basis
 
 
-def _is_sharded(param: Tensor) -> bool:
-    """FSDP's flat or DTensor parameters: not the full 2-D weight the projection needs."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()
-    return isinstance(param, DTensor) or bool(getattr(param, "_fsdp_flattened", False))
+COUNTERS = ("step", "period")  # CPU scalars in the state; everything else has the shapes `state_shapes` gives
+
+
+def _is_flat(param: Tensor) -> bool:
+    """FSDP1's flattened parameters: a 1-D concatenation of weights, which no projection of a 2-D weight can use."""
+    return bool(getattr(param, "_fsdp_flattened", False))
+
+
+def is_projected(param: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param`` gets the projected step in ``group``: a 2-D weight whose shorter side is at least ``rank``."""
+    rank = group["rank"]
+    return rank is not None and param.dim() == 2 and rank <= min(param.shape)
+
+
+def state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Global shape of each state tensor of ``param`` and whether it is sharded like its (row-sharded) weight.
+
+    Projected ``(rows, cols)`` weights: basis ``(side, rank)``; moments ``(rank, cols)`` (left) or ``(rows, rank)``
+    (right). Left: the basis is row-sharded, the moments replicated; right: the reverse. AdamW: the weight's shape,
+    sharded like it.
+    """
+    shape = tuple(param.shape)
+    if not is_projected(param, group):
+        return {"exp_avg": (shape, True), "exp_avg_sq": (shape, True)}
+    rank, side = group["rank"], projection_side(shape)
+    moments = (rank, shape[1]) if side == "left" else (shape[0], rank)
+    return {
+        "exp_avg": (moments, side == "right"),
+        "exp_avg_sq": (moments, side == "right"),
+        "basis": ((side_length(shape, side), rank), side == "left"),
+    }
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -90,12 +117,31 @@ class ProjectedAdamW(Optimizer):
         seed (`int`, *optional*, defaults to `0`): seed of the random bases.
 
     State: only tensors (``torch.load(weights_only=True)`` works): ``step``, ``exp_avg``, ``exp_avg_sq`` and, for
-    projected weights, ``period`` and ``basis``.
+    projected weights, ``period`` and ``basis``. Errors name the weight when the groups carry ``param_names``
+    (``ProjectedAdamW(model.named_parameters())``, or `create_projected_optimizer`).
 
     Distributed: under DDP every rank sees the same averaged gradient and draws the same random basis, so ranks stay
-    identical without communication. FSDP shards weights (flat or DTensor parameters), which a projection of the
-    full weight cannot use: a projected group holding such a parameter raises a ValueError; use DDP, or keep those
-    weights in groups without ``rank``.
+    identical without communication. Under FSDP2 (`fully_shard`: DTensor weights sharded on their rows, ``n``
+    ranks) each rank steps its rows without gathering weights or gradients (`hf_ext.optim.sharded`). Communication
+    per ``rows x cols`` weight, in float32 words, on top of FSDP's own all-gather and reduce-scatter of the weight:
+
+    | basis | side | per step | per period (every ``update_interval`` steps) |
+    |---|---|---|---|
+    | random | right (``rows > cols``) | none | none |
+    | random | left (``rows <= cols``) | all-reduce of ``Pᵀ G``: ``rank x cols`` | all-reduce of ``T``: ``rank²`` |
+    | svd / callable | right | none | all-gather of ``G``: ``rows x cols``; broadcast of ``P``: ``cols x rank`` |
+    | svd / callable | left | ``rank x cols`` | all-gather of ``G``; broadcast of ``P``: ``rows x rank``; ``rank²`` |
+
+    ``T = P_newᵀ P_old``. The per-step all-reduce is ``rank / rows`` of FSDP's reduce-scatter. The svd basis is
+    exact (the gathered gradient's SVD, the first rank's copy broadcast so all agree): one full gradient per weight
+    per period, transiently, on each rank. Sharded like the weight (DTensor, global shapes): right-side moments
+    (``rows x rank``), left-side bases (``rows x rank``: each rank keeps its rows of the basis every rank draws),
+    AdamW moments. Replicated (plain tensors, rank-``r`` sized): right-side bases (``cols x rank``), left-side
+    moments (``rank x cols``). The state has a single process's global shapes, so checkpoints through
+    `torch.distributed.checkpoint` (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, sharded or full)
+    reshard to any world size; `load_state_dict` also takes a full (single-process) state on a sharded model.
+    FSDP1's flattened parameters and other DTensor placements (``Shard(1)``, 2-D meshes) in a projected group raise
+    a ValueError naming the weight.
 
     Example:
 
@@ -144,13 +190,16 @@ class ProjectedAdamW(Optimizer):
         group = self.param_groups[-1]
         _check_hyperparameters(group)
         if group["rank"] is not None:
-            for param in group["params"]:
-                if _is_sharded(param):
+            for position, param in enumerate(group["params"]):
+                name = _name(group, position, param)
+                if _is_flat(param):
                     raise ValueError(
-                        "ProjectedAdamW projects full 2-D weights, but a parameter of a group with `rank` is sharded "
-                        "(FSDP flat or DTensor parameter). Use DDP, or put sharded weights in a group without `rank` "
-                        "(exact AdamW)."
+                        f"ProjectedAdamW projects 2-D weights, but `{name}` is a flattened, sharded FSDP1 parameter. "
+                        "Shard the model with FSDP2 (`torch.distributed.fsdp.fully_shard`, DTensor shards on dim 0), "
+                        "use DDP, or put flattened parameters in a group without `rank` (exact AdamW)."
                     )
+                if is_projected(param, group):
+                    row_shard(param, name)  # raises for placements the projection cannot use
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, with a callable ``projection`` replaced by the marker ``"callable"`` (tensors, strings
@@ -162,6 +211,32 @@ class ProjectedAdamW(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, with float32 moments and CPU counters kept, and each state tensor placed like its weight.
+
+        Every state tensor must have its global shape (`state_shapes`): a DTensor on the weight's mesh, or a plain
+        tensor (a full state, e.g. from one process or ``full_state_dict=True``: this rank keeps its rows, no
+        communication). Anything else (per-rank pieces saved at another world size) raises a ValueError naming the
+        weight.
+        """
+        # checked and placed before anything changes: torch casts every floating state tensor to its parameter's
+        # dtype, but moments stay float32 and counters exact, on the CPU (no device sync when read each step)
+        placed: dict[Tensor, dict[str, Tensor]] = {}
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        entries = [(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])]
+        pairs = zip(saved_ids, entries, strict=True) if len(saved_ids) == len(entries) else ()  # else torch raises
+        for pid, (group, position, param) in pairs:
+            name = _name(group, position, param)
+            shapes = state_shapes(param, group)
+            shard = row_shard(param, name) if is_projected(param, group) else None
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key in COUNTERS:
+                    value = value.to(device="cpu", copy=True)
+                else:
+                    shape, sharded = shapes.get(key, (tuple(value.shape), False))
+                    value = place_loaded_state(value, param, name, key, shape, sharded, shard)
+                placed.setdefault(param, {})[key] = value
         callables = [group["projection"] for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, projection in zip(self.param_groups, callables, strict=True):
@@ -169,14 +244,8 @@ class ProjectedAdamW(Optimizer):
                 if not callable(projection):
                     raise ValueError("The state was saved with a callable `projection`: build the optimizer with it.")
                 group["projection"] = projection
-        # torch casts every floating state tensor to its parameter's dtype; moments stay float32 and counters exact.
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        params = [param for group in self.param_groups for param in group["params"]]
-        for pid, param in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, Tensor):  # counters stay on the CPU (no device sync when read each step)
-                    device = "cpu" if key in ("step", "period") else param.device
-                    self.state[param][key] = value.to(device=device, copy=True)
+        for param, values in placed.items():
+            self.state[param].update(values)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -187,23 +256,45 @@ class ProjectedAdamW(Optimizer):
                 loss = closure()
         index = -1
         for group in self.param_groups:
-            for param in group["params"]:
+            for position, param in enumerate(group["params"]):
                 index += 1  # the parameter's global position: part of its random basis's seed
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("ProjectedAdamW does not support sparse gradients.")
-                rank = group["rank"]
-                if rank is not None and param.dim() == 2 and rank <= min(param.shape):
-                    if _is_sharded(param):
-                        raise ValueError("ProjectedAdamW cannot project a sharded (FSDP) weight: use DDP.")
-                    self._projected_step(param, group, index)
-                else:
-                    self._adamw_step(param, group)
+                if param.grad is not None:
+                    self._step_parameter(param, group, position, index)
         return loss
 
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor) -> None:
+        """Step one parameter with its current gradient (what `step` does for each), e.g. from a gradient hook.
+
+        Raises:
+            `KeyError`: when ``param`` is in no parameter group.
+        """
+        where = self.__dict__.get("_positions", {}).get(param)  # (group number, position in it, global index)
+        if where is None or not _holds(self.param_groups, param, *where[:2]):  # groups replaced or params swapped
+            self._positions = {}
+            index = -1
+            for number, group in enumerate(self.param_groups):
+                for position, member in enumerate(group["params"]):
+                    index += 1
+                    self._positions[member] = (number, position, index)
+            where = self._positions[param]
+        number, position, index = where
+        if param.grad is not None:
+            self._step_parameter(param, self.param_groups[number], position, index)
+
+    def _step_parameter(self, param: Tensor, group: dict[str, Any], position: int, index: int) -> None:
+        if param.grad.is_sparse:
+            raise RuntimeError("ProjectedAdamW does not support sparse gradients.")
+        if is_projected(param, group):
+            self._projected_step(param, group, index, row_shard(param, _name(group, position, param)))
+        else:
+            self._adamw_step(param, group)
+
     def _adamw_step(self, param: Tensor, group: dict[str, Any]) -> None:
-        """torch's single-tensor AdamW arithmetic (moments in float32 whatever the parameter's dtype)."""
+        """torch's single-tensor AdamW arithmetic (moments in float32 whatever the parameter's dtype).
+
+        On DTensor weights the moments are DTensors placed like the weight, and the arithmetic runs on the local
+        parts (pointwise: no communication)."""
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -212,38 +303,49 @@ class ProjectedAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
+        weight, exp_avg, exp_avg_sq = local(param), local(state["exp_avg"]), local(state["exp_avg_sq"])
         exact = param.dtype in (torch.float32, torch.float64)  # low-precision weights: update an fp32 copy
-        work = param if exact else param.float()
-        grad = param.grad if param.grad.dtype == work.dtype else param.grad.to(work.dtype)
+        work = weight if exact else weight.float()
+        grad = local(param.grad)
+        grad = grad if grad.dtype == work.dtype else grad.to(work.dtype)
         state["step"] += 1
         step = float(state["step"])
         work.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-        work.addcdiv_(state["exp_avg"], denom, value=-step_size)
-        if work is not param:
-            param.copy_(work)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+        work.addcdiv_(exp_avg, denom, value=-step_size)
+        if work is not weight:
+            weight.copy_(work)
 
-    def _basis(self, group: dict[str, Any], grad: Tensor, index: int, period: int) -> Tensor:
-        side = projection_side(grad.shape)
+    def _basis(self, group: dict[str, Any], param: Tensor, index: int, period: int, shard: RowShard | None) -> Tensor:
+        """This rank's part of the period's basis: its rows (left side of a row-sharded weight) or all of it."""
+        shape = tuple(param.shape)
+        side = projection_side(shape)
         projection, rank = group["projection"], group["rank"]
-        if projection == "random":
-            length = side_length(grad.shape, side)
-            return random_basis(length, rank, seed=group["seed"], index=index, period=period, device=grad.device)
-        if projection == "svd":
-            return svd_basis(grad, rank, side)
-        basis = projection(grad, rank, side).to(device=grad.device, dtype=torch.float32)
-        expected = (side_length(grad.shape, side), rank)
-        if tuple(basis.shape) != expected:
-            raise ValueError(f"`projection` returned a basis of shape {tuple(basis.shape)}, expected {expected}.")
-        return basis
+        length = side_length(shape, side)
+        if projection == "random":  # every rank draws the full basis (no communication), then keeps its rows
+            basis = random_basis(length, rank, seed=group["seed"], index=index, period=period, device=param.grad.device)
+        else:
+            grad = (param.grad.full_tensor() if shard is not None else param.grad).float()  # one gather per period
+            if projection == "svd":
+                basis = svd_basis(grad, rank, side)
+            else:
+                basis = projection(grad, rank, side).to(device=grad.device, dtype=torch.float32)
+                if tuple(basis.shape) != (length, rank):
+                    raise ValueError(
+                        f"`projection` returned a basis of shape {tuple(basis.shape)}, expected {(length, rank)}."
+                    )
+            if shard is not None:
+                basis = broadcast_basis(basis, shard)
+        return rows_of(basis, shard) if shard is not None and side == "left" else basis
 
-    def _projected_step(self, param: Tensor, group: dict[str, Any], index: int) -> None:
+    def _projected_step(self, param: Tensor, group: dict[str, Any], index: int, shard: RowShard | None) -> None:
         state = self.state[param]
-        grad = param.grad.float()  # (rows, cols)
-        side = projection_side(grad.shape)
+        grad = local(param.grad).float()  # (rows, cols), or this rank's rows of it
+        side = projection_side(param.shape)
+        rank = group["rank"]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["period"] = torch.tensor(-1, dtype=torch.int64)
@@ -251,32 +353,54 @@ class ProjectedAdamW(Optimizer):
         step = int(state["step"])
         period = (step - 1) // group["update_interval"]
         if period != int(state["period"]):
-            basis = self._basis(group, grad, index, period)
+            basis = self._basis(group, param, index, period, shard)
             if "exp_avg" in state:
-                old = state["basis"]
-                state["exp_avg"] = change_basis(state["exp_avg"], old, basis, side)
-                state["exp_avg_sq"] = change_basis_second_moment(state["exp_avg_sq"], old, basis, side)
+                carry = transition(basis, local(state["basis"]), side, shard)  # (rank, rank)
+                exp_avg = carry_first_moment(local(state["exp_avg"]), carry, side)
+                exp_avg_sq = carry_second_moment(local(state["exp_avg_sq"]), carry, side)
             else:
-                reduced_shape = project(grad, basis, side).shape
-                state["exp_avg"] = torch.zeros(reduced_shape, dtype=torch.float32, device=grad.device)
-                state["exp_avg_sq"] = torch.zeros(reduced_shape, dtype=torch.float32, device=grad.device)
-            state["basis"] = basis
+                reduced_shape = (rank, grad.shape[1]) if side == "left" else (grad.shape[0], rank)
+                exp_avg = torch.zeros(reduced_shape, dtype=torch.float32, device=grad.device)
+                exp_avg_sq = torch.zeros(reduced_shape, dtype=torch.float32, device=grad.device)
+            state["exp_avg"] = _keep(exp_avg, shard, sharded=side == "right")
+            state["exp_avg_sq"] = _keep(exp_avg_sq, shard, sharded=side == "right")
+            state["basis"] = _keep(basis, shard, sharded=side == "left")
             state["period"].fill_(period)
-        basis = state["basis"]
-        reduced = project(grad, basis, side)
+        basis = local(state["basis"])
+        reduced = project_rows(grad, basis, side, shard)  # left + sharded: all-reduced (rank, cols)
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        state["exp_avg"].lerp_(reduced, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(reduced, reduced, value=1 - beta2)
+        exp_avg.lerp_(reduced, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(reduced, reduced, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-        normalized = state["exp_avg"] / denom  # (rank, cols) or (rows, rank)
-        work = param if param.dtype in (torch.float32, torch.float64) else param.float()
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+        normalized = exp_avg / denom  # (rank, cols) or (rows, rank)
+        weight = local(param)
+        work = weight if param.dtype in (torch.float32, torch.float64) else weight.float()
         if group["weight_decay"]:
             work.mul_(1 - lr * group["weight_decay"])
         # W -= step * P N (left) or N Pᵀ (right), fused into one in-place matmul-add (no full-size temporary)
         basis, normalized = basis.to(work.dtype), normalized.to(work.dtype)
         pair = (basis, normalized) if side == "left" else (normalized, basis.T)
         work.addmm_(*pair, alpha=-step_size * group["scale"])
-        if work is not param:
-            param.copy_(work)
+        if work is not weight:
+            weight.copy_(work)
+
+
+def _holds(groups: list[dict[str, Any]], param: Tensor, number: int, position: int) -> bool:
+    members = groups[number]["params"] if number < len(groups) else []
+    return position < len(members) and members[position] is param
+
+
+def _name(group: dict[str, Any], position: int, param: Tensor) -> str:
+    """The weight's name when the group has ``param_names`` (torch's named parameters), else a description."""
+    names = group.get("param_names")
+    if names is not None and position < len(names):
+        return names[position]
+    return f"parameter {position} of its group (shape {tuple(param.shape)})"
+
+
+def _keep(tensor: Tensor, shard: RowShard | None, *, sharded: bool) -> Tensor:
+    """A state tensor as kept: this rank's rows wrapped as a row-sharded DTensor, or the (replicated) tensor."""
+    return as_row_sharded(tensor, shard, tensor.shape[1]) if shard is not None and sharded else tensor

@@ -98,7 +98,12 @@ def project_back(reduced: Tensor, basis: Tensor, side: str) -> Tensor:
 
 def change_basis(reduced: Tensor, old: Tensor, new: Tensor, side: str) -> Tensor:
     """Carry a projected tensor into a new subspace: ``P_newᵀ P_old M`` (left) or ``M P_oldᵀ P_new`` (right)."""
-    return (new.T @ old) @ reduced if side == "left" else reduced @ (old.T @ new)
+    return carry_first_moment(reduced, new.T @ old, side)
+
+
+def carry_first_moment(reduced: Tensor, transition: Tensor, side: str) -> Tensor:
+    """`change_basis` from the transition ``T = P_newᵀ P_old`` (``rank x rank``): ``T M`` (left) or ``M Tᵀ``."""
+    return transition @ reduced if side == "left" else reduced @ transition.T
 
 
 def change_basis_second_moment(second: Tensor, old: Tensor, new: Tensor, side: str) -> Tensor:
@@ -109,7 +114,15 @@ def change_basis_second_moment(second: Tensor, old: Tensor, new: Tensor, side: s
     coordinates (the part the old subspace never saw gets the average, an isotropic prior). Unchanged when
     ``new == old``; never near zero where the carried first moment is not, so ``m / sqrt(v)`` stays bounded.
     """
-    transition = new.T @ old  # (rank, rank)
+    return carry_second_moment(second, new.T @ old, side)
+
+
+def carry_second_moment(second: Tensor, transition: Tensor, side: str) -> Tensor:
+    """`change_basis_second_moment` from the transition ``T = P_newᵀ P_old`` (``rank x rank``).
+
+    The mean runs over the projected coordinates of each column (left) or row (right), so a row-sharded right-side
+    moment is carried shard by shard.
+    """
     weights = transition.square()
     unseen = (1.0 - weights.sum(dim=1)).clamp(min=0.0)  # rounding can push a norm of 1 slightly above 1
     if side == "left":  # second: (rank, cols)
