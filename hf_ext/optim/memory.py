@@ -146,15 +146,20 @@ def estimate_training_memory(
     - ``"galore"``: GaLore (galore-torch): 2-D targets projected at rank ``r`` on the shorter side, moments
       ``r x l`` (two), the projection matrix ``s x r`` stored, all in the gradient's dtype; full gradients.
       ``"galore_layerwise"``: the same state, each gradient freed after its layer's step (one process only).
-    - ``"apollo"``: APOLLO (Zhu et al., 2024, the paper's memory accounting): a rank-``r`` random projection
-      regenerated from a seed (not stored), moments ``r x l`` (two) in the gradient's dtype, channel-wise scales
-      computed each step (not stored); full gradients.
+    - ``"apollo"``: APOLLO (apollo-torch 1.0.3 as released): a rank-``r`` random projection ``s x r`` drawn
+      from a seed each period and kept, moments ``r x l`` (two) and the norm-growth limiter's scalar in the
+      gradient's dtype, channel-wise scales computed each step (not kept); full gradients. (The paper's
+      accounting regenerates the projection instead of keeping it: ``s x r`` less per weight.)
     - ``"projected"``: `ProjectedAdamW` (`create_projected_optimizer`): float32 moments ``r x l`` (two), a float32
       basis ``s x r``, a float32 step and an int64 period per target; float32 AdamW moments for the rest.
       ``"projected_freeing"``: the same with ``step_in_backward=True``: gradients are freed as they are used, so
       the peak is the largest single gradient (FSDP2: the largest block's gradient shards, which share one
-      reduce-scatter buffer until the block's last weight stepped), plus the gradients of shared (tied) weights,
-      which live through backward and step after it.
+      reduce-scatter buffer until the block's last weight stepped), plus, on one process, the gradients of shared
+      (tied) weights, whose first part waits in the autograd engine through backward and which step after it.
+      Under FSDP2 a shared weight's gradient shard exists only after its unit's reduce-scatter, at the end of
+      backward, when the blocks' gradients are freed: it counts within its unit (the root's). Its unsharded
+      partial gradient, which the engine holds meanwhile (a full copy of the weight: 108 MiB for SmolLM2-135M's
+      tied embedding in float32), is one of FSDP2's unsharded buffers and excluded like them.
 
     Sharding: ``"ddp"`` (everything replicated: these are also one process's figures when ``world_size=1``) or
     ``"fsdp2"`` (`fully_shard` per block, ``_no_split_modules``: weights and gradients in padded shards of
@@ -209,7 +214,7 @@ def estimate_training_memory(
         if not param.requires_grad:
             continue
         unit = units.get(id(param), "root") if layout.sharded else name  # DDP / one process: one buffer each
-        if uses[id(param)] > 1:  # a shared (tied) weight: its gradient is kept until the step
+        if uses[id(param)] > 1 and not layout.sharded:  # a shared (tied) weight: kept from its first part to the step
             unit = ""
         target = id(param) in targets and param.dim() == 2
         if method == "lora":
@@ -231,10 +236,9 @@ def estimate_training_memory(
         elif projected:
             moment = state_dtype.itemsize if state_dtype else 4
             state += _low_rank_state(param.shape, rank, layout, moment, 4) + COUNTER_BYTES["projected"] + PERIOD_BYTES
-        else:  # galore / apollo: state in the gradient's dtype; GaLore stores its projection, APOLLO regenerates it
+        else:  # galore / apollo: state and the kept projection in the gradient's dtype; APOLLO's limiter scalar
             moment = state_dtype.itemsize if state_dtype else size
-            basis = size if method.startswith("galore") else None
-            state += _low_rank_state(param.shape, rank, layout, moment, basis)
+            state += _low_rank_state(param.shape, rank, layout, moment, size) + (size if method == "apollo" else 0)
     return TrainingMemory(weights, _peak_gradients(grads, method), state)
 
 

@@ -76,3 +76,16 @@ def test_bad_arguments_raise_naming_them(kwargs: dict, match: str) -> None:
 def test_something_that_is_neither_a_model_nor_a_config_is_refused() -> None:
     with pytest.raises(ValueError, match="`model_or_config`"):
         estimate_training_memory({"hidden_size": 8}, "adamw")
+
+
+def test_under_fsdp2_a_tied_weights_shard_counts_within_the_root_unit() -> None:
+    # small_llama tied, 2 ranks: the tied 256 x 128 embedding's shard appears at the root's reduce-scatter, after
+    # every block's gradients were stepped and freed, so the peak is the largest unit, worked out by hand.
+    model = small_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    root = 128 * 128 * 4 + 64 * 4  # tied shard + final norm shard
+    block = (
+        2 * (64 * 128 * 4) + 2 * (32 * 128 * 4) + 2 * (176 * 128 * 4) + 64 * 352 * 4 + 2 * 64 * 4
+    )  # q o k v; gate up; down; norms
+    memory = estimate_training_memory(model, "projected_freeing", rank=RANK, world_size=2, sharding="fsdp2")
+    assert memory.gradients == max(root, block) == block
