@@ -37,14 +37,13 @@ import math
 import os
 import platform
 import statistics
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from hf_ext.tensor_memory import TensorBytes
 
 HERE = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "transformers", "sentence-transformers", "accelerate", "peft", "numpy", "scipy")
@@ -246,42 +245,6 @@ def child_env(**extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------- memory
 
 
-class _TensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensor storages created by operators while active (until each is freed)."""
-
-    def __init__(self, device_type: str) -> None:
-        super().__init__()
-        self.device_type = device_type
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-        self._refs: dict[int, weakref.ref] = {}
-
-    def _release(self, key: int, _ref: weakref.ref) -> None:
-        self.live -= self._sizes.pop(key, 0)
-        self._refs.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = id(storage), storage.nbytes()
-            known = self._sizes.get(key)
-            if known is None:
-                if nbytes == 0:
-                    continue
-                self._refs[key] = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
-                self._sizes[key] = nbytes
-                self.live += nbytes
-            elif nbytes != known:  # resized in place (an out= buffer)
-                self._sizes[key] = nbytes
-                self.live += nbytes - known
-            self.peak = max(self.peak, self.live)
-        return out
-
-
 class PeakMemory:
     """Peak bytes of the tensors allocated inside a block (over those alive at entry).
 
@@ -295,7 +258,7 @@ class PeakMemory:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.bytes = 0
-        self._mode: _TensorBytes | None = None
+        self._mode: TensorBytes | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -303,7 +266,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._mode = _TensorBytes(self.device.type)
+            self._mode = TensorBytes(self.device.type)
             self._mode.__enter__()
         return self
 

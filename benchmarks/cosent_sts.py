@@ -70,7 +70,7 @@ CROSS_LOSSES = ["cosent", "st_bce", "st_mse"]
 SEEDS = [0, 1, 2]
 SWEEP_SEED = 0
 # Ladders the sweeps start inside and extend along while dev's best sits at an end.
-BATCH_LADDER = [8, 16, 32, 64, 128]
+BATCH_LADDER = [4, 8, 16, 32, 64, 128]
 BI_BATCH_START = [16, 32, 64]
 BI_BATCH_FIRST = 16
 LR_LADDER = [2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3]
@@ -236,15 +236,17 @@ def sweep_bi(data: dict, out: Path, jobs: int) -> dict:
     """hf_ext CoSENTLoss: coordinate search over learning rate and batch size (each 1-D sweep extended until dev's
     best is inside it), from batch `BI_BATCH_FIRST`, until the batch size stops changing."""
     base = {"model_type": "bi", "loss": "cosent", "scale": BI_SCALE}
-    batch, steps = BI_BATCH_FIRST, []
+    batch, steps, lr_start = BI_BATCH_FIRST, [], BI_LR_START
     while True:
-        lr = sweep_1d(data, out, {**base, "batch_size": batch}, "learning_rate", LR_LADDER, BI_LR_START, jobs)
+        lr = sweep_1d(data, out, {**base, "batch_size": batch}, "learning_rate", LR_LADDER, lr_start, jobs)
         by_batch = sweep_1d(data, out, {**base, "learning_rate": lr["value"]}, "batch_size", BATCH_LADDER,
                             BI_BATCH_START, jobs)  # fmt: skip
         steps += [lr, by_batch]
         if by_batch["value"] == batch or len(steps) >= 6:
             break
         batch = by_batch["value"]
+        i = LR_LADDER.index(lr["value"])  # the next learning-rate sweep starts around the current choice
+        lr_start = LR_LADDER[max(i - 1, 0) : i + 2]
     return {
         "batch_size": by_batch["value"],
         "learning_rate": lr["value"],
@@ -582,6 +584,10 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _without(mapping: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parts = ["bi_sweep", "cross_sweep", "bi", "cross", "speed", "memory", "cached"]
@@ -616,16 +622,21 @@ def main() -> None:
         "memory": lambda: memory(data, args.output, args.memory_batch),
         "cached": lambda: cached(data, args.output, args.memory_batch, args.cached_seeds),
     }
-    # The two sweeps run side by side (each sweep's extensions are one run at a time), then the two final parts;
-    # the timed parts run alone.
-    stages = [["bi_sweep", "cross_sweep"], ["bi", "cross"], ["speed"], ["memory"], ["cached"]]
-    for stage in stages:
-        todo = [part for part in stage if part in args.parts]
-        run_parallel([actions[part] for part in todo], len(todo))
-        with _LOCK:
-            data["protocol"]["chosen"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("sweep", "steps", "base")}
-                                          for k, v in data.get("chosen", {}).items()}  # fmt: skip
-            save_results(args.output, data, summarize)
+
+    # The bi-encoder chain (its sweep, then its final runs) and the cross-encoder chain run side by side, sharing
+    # the --jobs slots; the timed parts then run alone.
+    def chain(parts: list[str]) -> None:
+        for part in parts:
+            if part in args.parts:
+                actions[part]()
+                with _LOCK:
+                    chosen = data.get("chosen", {}).items()
+                    data["protocol"]["chosen"] = {k: _without(v, ("sweep", "steps", "base")) for k, v in chosen}
+                    save_results(args.output, data, summarize)
+
+    run_parallel([lambda: chain(["bi_sweep", "bi"]), lambda: chain(["cross_sweep", "cross"])], 2)
+    for part in ("speed", "memory", "cached"):
+        chain([part])
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 

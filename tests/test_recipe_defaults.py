@@ -41,10 +41,13 @@ def test_bi_encoder_defaults_are_the_best_dev_run_of_the_committed_sweep() -> No
     assert defaults == {"batch_size": best["batch_size"], "learning_rate": best["learning_rate"]}
 
 
-def test_cross_encoder_cosent_default_scale_is_the_dev_choice_once_made() -> None:
-    chosen = _results()["protocol"]["chosen"].get("cross_cosent_scale")
+def test_cross_encoder_defaults_are_the_dev_choice() -> None:
+    chosen = _results()["protocol"]["chosen"]
+    assert "cross_cosent_scale" in chosen and "cross_cosent" in chosen, "the cross-encoder sweep has not run"
     default = inspect.signature(CrossEncoderCoSENTLoss).parameters["scale"].default
-    if chosen is None:  # the scale sweep has not finished: the class keeps the method's published default
-        assert default == 1.0
-    else:
-        assert default == chosen["value"]
+    assert default == chosen["cross_cosent_scale"]["value"]
+    defaults = _recipe_constant("CROSS_DEFAULTS")
+    assert defaults["scale"] == chosen["cross_cosent_scale"]["value"]
+    assert defaults["learning_rate"] == chosen["cross_cosent"]["value"]
+    sweep_batch = {r["batch_size"] for r in _results()["runs"].values() if r["model_type"] == "cross"}
+    assert sweep_batch == {defaults["batch_size"]}

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from hf_ext.optim import FreedGradient, ProjectedAdamW, StepInBackward, create_projected_optimizer
+from hf_ext.tensor_memory import TensorBytes
 
 from ._fsdp2_runs import HYPER, batches, full_params, mlp, optimizer, train
-from ._tensor_bytes import TensorBytes
 from ._trainer_utils import _args, _assert_close, _model, _params, _trainer
 
 

@@ -1,0 +1,75 @@
+"""Peak memory counted from tensors: the bytes of the storages operators create inside a block, while alive.
+
+On CPU there is no allocator statistic like CUDA's ``max_memory_allocated``, and a resident-set delta can read 0
+when the allocator reuses freed pages. `TensorBytes` is a `TorchDispatchMode`: every operator's output storages
+(forward and backward alike) are counted from their creation until they are freed, so a gradient freed during
+backward stops counting at once. Storages that exist before the block (weights, inputs) are not counted unless an
+operator resizes them. The probe costs Python time per operator: never time code inside it.
+
+Example:
+
+```python
+>>> import torch
+>>> from hf_ext.tensor_memory import TensorBytes
+>>> x = torch.ones(1024)  # made before the block: not counted
+>>> with TensorBytes() as probe:
+...     y = x * 2          # 4 KiB, alive at the end
+...     z = (y + 1).sum()  # a 4 KiB temporary, freed after the sum, and the 4-byte z
+>>> probe.peak, probe.live
+(8196, 4100)
+```
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["TensorBytes"]
+
+
+class TensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages operators create on ``device_type`` while the mode is active.
+
+    Attributes:
+        live (`int`): bytes of those storages alive now.
+        peak (`int`): the most bytes alive at once since entry.
+    """
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        if not isinstance(device_type, str) or not device_type:
+            raise ValueError(f"`device_type` must be a device type string such as 'cpu', got {device_type!r}.")
+        self.device_type = device_type
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _release(self, key: int, _ref: weakref.ref) -> None:
+        self.live -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = id(storage), storage.nbytes()
+            known = self._sizes.get(key)
+            if known is None:
+                if nbytes == 0:
+                    continue
+                self._refs[key] = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
+                self._sizes[key] = nbytes
+                self.live += nbytes
+            elif nbytes != known:  # resized in place (an out= buffer)
+                self._sizes[key] = nbytes
+                self.live += nbytes - known
+            self.peak = max(self.peak, self.live)
+        return out
