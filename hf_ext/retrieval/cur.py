@@ -4,7 +4,9 @@ Offline, anchor queries ``V`` are scored against every item (``R``, ``|V| x N``)
 ``pinv(R[:, U]) @ R`` (``|U| x N``) is stored, ``U`` being the anchor items. Online, a query is scored against the
 anchor items only (``c``, ``|U|`` calls), all ``N`` scores are approximated by ``c @ item_matrix``, and the best
 ``rerank_k`` of the other items are re-scored exactly: ``|U| + rerank_k`` calls instead of ``N``; the top-k comes
-from every exactly scored item (candidates and anchors).
+from every exactly scored item (candidates and anchors). With ``rounds=R`` (adaCUR, Yadav et al. 2023) the
+``rerank_k`` calls are spent in ``R`` rounds, and after each round the query's approximation is re-solved from every
+item scored so far against the stored anchor scores ``R``, so later rounds aim where the earlier ones pointed.
 
 Example:
 
@@ -15,6 +17,7 @@ Example:
 >>> items = ["A man is playing a guitar.", "A woman slices an onion.", ...]  # doctest: +SKIP
 >>> index = CURIndex.build(cross_encoder, items, anchor_queries=items[:100], n_anchor_items=100)  # doctest: +SKIP
 >>> hits, calls = index.search(["Someone plays music."], top_k=10, rerank_k=50)  # doctest: +SKIP
+>>> hits, calls = index.search(["Someone plays music."], top_k=10, rerank_k=50, rounds=5)  # adaCUR  # doctest: +SKIP
 >>> index.save_pretrained("my-cur-index")  # or push_to_hub("me/my-cur-index")  # doctest: +SKIP
 ```
 """
@@ -161,6 +164,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             one base model apart).
         rcond (`float`, *optional*, defaults to `1e-4`): the pseudo-inverse's relative cut-off it was built with.
         anchor_strategy (`str`, *optional*, defaults to `"random"`): how the anchor items were chosen.
+        anchor_scores (`np.ndarray` of shape `(len(anchor_queries), len(items))`, *optional*): ``R``, kept in float16
+            (what multi-round search re-solves against; an index without it searches in one round only).
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         rcond: float = DEFAULT_RCOND,
         anchor_strategy: str = "random",
         cross_encoder_fingerprint: str | None = None,
+        anchor_scores: np.ndarray | None = None,
     ) -> None:
         self.items = list(items)
         self.anchor_item_ids = np.asarray(anchor_item_ids, dtype=np.int64)
@@ -186,6 +192,12 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         expected = (len(self.anchor_item_ids), len(self.items))
         if self.item_matrix.shape != expected:
             raise ValueError(f"`item_matrix` has shape {self.item_matrix.shape}, expected {expected}.")
+        self.anchor_scores = None if anchor_scores is None else np.asarray(anchor_scores, dtype=np.float16)
+        expected = (len(self.anchor_queries), len(self.items))
+        if self.anchor_scores is not None and self.anchor_scores.shape != expected:
+            raise ValueError(f"`anchor_scores` has shape {self.anchor_scores.shape}, expected {expected}.")
+        if self.anchor_scores is not None and not np.isfinite(self.anchor_scores).all():
+            raise ValueError("`anchor_scores` overflows float16: the cross-encoder's scores must lie within +-65504.")
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -279,7 +291,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         scores = np.stack(rows)  # R: (|V|, N)
         item_matrix = cur_item_matrix(scores, anchor_ids, rcond)
         index = cls(items, anchor_ids, item_matrix, anchor_queries, cross_encoder_name(cross_encoder), rcond,
-                    anchor_strategy, fingerprint)  # fmt: skip
+                    anchor_strategy, fingerprint, scores)  # fmt: skip
         index.cross_encoder = cross_encoder
         return index
 
@@ -291,6 +303,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         top_k: int = 10,
         rerank_k: int = 100,
         *,
+        rounds: int = 1,
         cross_encoder: Any = None,
         batch_size: int = 64,
         show_progress_bar: bool = False,
@@ -300,6 +313,19 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         A query costs ``|U| + rerank_k`` cross-encoder calls: the anchor items, then the ``rerank_k`` best
         approximate scores among the other items (``rerank_k`` at most ``N - |U|``); the top-k is taken from every
         exactly scored item, anchors included.
+
+        With ``rounds=R > 1`` (adaCUR) the ``rerank_k`` calls are spent in ``R`` rounds of near-equal size (the
+        first rounds take the remainder): each round scores the best-approximated items not scored yet, then the
+        approximation is re-solved from every exactly scored item ``S``: ``w = c_S pinv(R[:, S])``, scores
+        ``w R``, with the index's ``rcond``. ``rounds=1`` is ANNCUR's search; the call count is the same for any
+        ``R``. Each round after the first costs one ``|V| x |S|`` pseudo-inverse and a ``|V| x N`` product.
+
+        Args:
+            queries (`list[str]`): the queries.
+            top_k (`int`, *optional*, defaults to `10`): hits per query.
+            rerank_k (`int`, *optional*, defaults to `100`): exact calls beyond the anchor items.
+            rounds (`int`, *optional*, defaults to `1`): rounds to spend them in, at most ``rerank_k``.
+            cross_encoder (*optional*): the scorer, when the index does not hold one.
 
         Returns:
             ``(hits, calls)``: per query, sentence-transformers-style hits (``{"corpus_id", "score"}``, exact
@@ -313,22 +339,41 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         if rerank_k > others:
             raise ValueError(f"`rerank_k` ({rerank_k}) exceeds the {others} items that are not anchor items: pass at "
                              f"most {others} (then every item is scored exactly).")  # fmt: skip
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= rerank_k:
+            raise ValueError(f"`rounds` must be an int in [1, rerank_k={rerank_k}], got {rounds!r}.")
+        if rounds > 1 and self.anchor_scores is None:
+            raise ValueError("`rounds` > 1 needs the anchor scores `R`, which this index does not hold (saved by an "
+                             "older hf_ext): rebuild it, or search with `rounds=1`.")  # fmt: skip
+        sizes = [rerank_k // rounds + (r < rerank_k % rounds) for r in range(rounds)]
         anchors = self.anchor_item_ids.tolist()
-        unscored = np.ones(len(self.items), dtype=bool)
-        unscored[anchors] = False
         all_hits, all_calls = [], []
         for query in tqdm(queries, desc="CUR search", disable=not show_progress_bar):
             exact = dict(zip(anchors, score_pairs(cross_encoder, [(query, self.items[i]) for i in anchors], batch_size),
                              strict=True))  # fmt: skip
+            unscored = np.ones(len(self.items), dtype=bool)
+            unscored[anchors] = False
             approx = self.approximate_scores(np.asarray([exact[i] for i in anchors]))
-            order = np.argsort(-approx, kind="stable")
-            todo = order[unscored[order]][:rerank_k].tolist()  # the best approximations not scored yet
-            exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
-                             strict=True))  # fmt: skip
+            for r, size in enumerate(sizes):
+                if r > 0:  # re-solve from every item scored so far
+                    approx = self._resolve(exact)
+                order = np.argsort(-approx, kind="stable")
+                todo = order[unscored[order]][:size].tolist()  # the best approximations not scored yet
+                exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
+                                 strict=True))  # fmt: skip
+                unscored[todo] = False
             ranked = sorted(exact, key=lambda i: (-exact[i], i))[:top_k]  # candidates and anchors: all scored exactly
             all_hits.append([{"corpus_id": i, "score": float(exact[i])} for i in ranked])
-            all_calls.append(len(anchors) + len(todo))
+            all_calls.append(len(exact))
         return all_hits, all_calls
+
+    def _resolve(self, exact: dict[int, float]) -> np.ndarray:
+        """Every item's approximate score from the exactly scored items ``S``: ``c_S pinv(R[:, S]) R``."""
+        ids = np.fromiter(exact, dtype=np.int64, count=len(exact))
+        scores = self.anchor_scores.astype(np.float64)  # type: ignore[union-attr]
+        weights = np.fromiter(exact.values(), dtype=np.float64, count=len(exact)) @ np.linalg.pinv(
+            scores[:, ids], rcond=self.rcond
+        )
+        return weights @ scores
 
     def approximate_scores(self, anchor_scores: np.ndarray) -> np.ndarray:
         """All items' approximate scores from one query's exact scores on the anchor items (``c @ item_matrix``)."""
@@ -363,8 +408,10 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         from safetensors.numpy import save_file
 
         save_directory = Path(save_directory)
-        save_file({"item_matrix": self.item_matrix, "anchor_item_ids": self.anchor_item_ids},
-                  str(save_directory / WEIGHTS_NAME))  # fmt: skip
+        tensors = {"item_matrix": self.item_matrix, "anchor_item_ids": self.anchor_item_ids}
+        if self.anchor_scores is not None:
+            tensors["anchor_scores"] = self.anchor_scores
+        save_file(tensors, str(save_directory / WEIGHTS_NAME))
         texts = {"items": self.items, "anchor_queries": self.anchor_queries}
         (save_directory / ITEMS_NAME).write_text(json.dumps(texts))
         config = {
@@ -406,7 +453,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         tensors = load_file(str(folder / WEIGHTS_NAME))
         index = cls(texts["items"], tensors["anchor_item_ids"], tensors["item_matrix"], texts["anchor_queries"],
                     config.get("cross_encoder_name"), config.get("rcond", DEFAULT_RCOND),
-                    config.get("anchor_strategy", "random"), config.get("cross_encoder_fingerprint"))  # fmt: skip
+                    config.get("anchor_strategy", "random"), config.get("cross_encoder_fingerprint"),
+                    tensors.get("anchor_scores"))  # fmt: skip
         if cross_encoder is not None:
             index._cross_encoder(cross_encoder)
         return index
