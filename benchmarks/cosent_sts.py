@@ -73,6 +73,7 @@ SWEEP_SEED = 0
 BATCH_LADDER = [4, 8, 16, 32, 64, 128]
 BI_BATCH_START = [16, 32, 64]
 BI_BATCH_FIRST = 16
+MAX_COORDINATE_STEPS = 10
 LR_LADDER = [2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3]
 BI_LR_START = [1e-5, 2e-5, 5e-5]
 CROSS_LR_START = [2e-5, 5e-5, 1e-4]
@@ -232,21 +233,27 @@ def sweep_1d(data: dict, out: Path, base: dict, param: str, ladder: list, start:
         values.append(more)
 
 
+def _around(ladder: list, value: object) -> list:
+    """``value`` and its neighbours on ``ladder``: where a coordinate step's sweep starts."""
+    i = ladder.index(value)
+    return ladder[max(i - 1, 0) : i + 2]
+
+
 def sweep_bi(data: dict, out: Path, jobs: int) -> dict:
     """hf_ext CoSENTLoss: coordinate search over learning rate and batch size (each 1-D sweep extended until dev's
-    best is inside it), from batch `BI_BATCH_FIRST`, until the batch size stops changing."""
+    best is inside it), from batch `BI_BATCH_FIRST`, until the batch size stops changing. Every sweep after the
+    first starts around the current point, so it holds that point and a step never lowers dev's best."""
     base = {"model_type": "bi", "loss": "cosent", "scale": BI_SCALE}
-    batch, steps, lr_start = BI_BATCH_FIRST, [], BI_LR_START
+    batch, steps, lr_start, batch_start = BI_BATCH_FIRST, [], BI_LR_START, BI_BATCH_START
     while True:
         lr = sweep_1d(data, out, {**base, "batch_size": batch}, "learning_rate", LR_LADDER, lr_start, jobs)
         by_batch = sweep_1d(data, out, {**base, "learning_rate": lr["value"]}, "batch_size", BATCH_LADDER,
-                            BI_BATCH_START, jobs)  # fmt: skip
+                            batch_start, jobs)  # fmt: skip
         steps += [lr, by_batch]
-        if by_batch["value"] == batch or len(steps) >= 6:
+        if by_batch["value"] == batch or len(steps) >= MAX_COORDINATE_STEPS:
             break
         batch = by_batch["value"]
-        i = LR_LADDER.index(lr["value"])  # the next learning-rate sweep starts around the current choice
-        lr_start = LR_LADDER[max(i - 1, 0) : i + 2]
+        lr_start, batch_start = _around(LR_LADDER, lr["value"]), _around(BATCH_LADDER, batch)
     return {
         "batch_size": by_batch["value"],
         "learning_rate": lr["value"],
