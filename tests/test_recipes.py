@@ -352,7 +352,7 @@ def test_flip_labels_is_symmetric_noise_at_the_requested_rate() -> None:
         (["--task", "classification", "--label_noise", "1.0"], r"`label_noise` must be in \[0, 1\)"),
         (["--task", "causal_lm", "--label_noise", "0.2"], "`label_noise` applies to --task classification only"),
         (["--task", "classification", "--trainer", "sft"], "`trainer` must be 'tvd' or 'plain'"),
-        (["--task", "classification", "--tvd_gamma", "1.2"], r"`tvd_gamma` must be a number in \[0, 1\)"),
+        (["--task", "classification", "--tvd_gamma", "1.2"], r"`tvd_gamma` must be a number in \[0, 1\]"),
     ],
 )
 def test_train_tvd_rejects_bad_arguments(argv: list[str], match: str) -> None:

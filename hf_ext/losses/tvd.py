@@ -2,8 +2,9 @@
 
 Per target with model probability ``p``: ``w = p / (gamma + (1 - gamma) p)``, computed without gradient and
 clamped to ``[min_weight, 1]``; the loss is ``-w log p`` (plus an un-reweighted label-smoothing term). ``gamma = 0``
-gives ``w = 1``: plain cross-entropy. As ``gamma -> 1`` the gradient approaches that of ``1 - p`` (the TVD to the
-one-hot target), which a noisy target cannot blow up the way it blows up ``-log p``.
+gives ``w = 1``: plain cross-entropy. At ``gamma = 1``, ``w = p``: the gradient is that of ``1 - p`` (the TVD to the
+one-hot target), which a noisy target cannot blow up the way it blows up ``-log p``; with ``min_weight = 0`` this is
+Dynamic Fine-Tuning (DFT, Wu et al. 2025: ``-p.detach() log p``, TRL's ``SFTConfig(loss_type="dft")``).
 
 The log-probabilities are computed by a custom autograd function that walks the rows in chunks, in float32, in
 both passes: it keeps only O(rows) statistics for the backward pass (no log-softmax copy of the logits, which
@@ -75,8 +76,8 @@ def tvd_weights(target_logp: Tensor, gamma: float, min_weight: float = 0.0) -> T
 
 
 def _validate(logits: Tensor, labels: Tensor, gamma: float, min_weight: float, label_smoothing: float) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
-        raise ValueError(f"`gamma` must be a number in [0, 1), got {gamma!r}.")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"`gamma` must be a number in [0, 1], got {gamma!r}.")
     if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight <= 1.0:
         raise ValueError(f"`min_weight` must be a number in [0, 1], got {min_weight!r}.")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -110,8 +111,8 @@ def tvd_loss(
         logits (`torch.Tensor` of shape `(..., num_classes)`): any floating dtype (bf16/fp16 are computed in fp32).
         labels (`torch.Tensor` of shape `(...)`): class indices; ``ignore_index`` marks targets to skip. Already
             aligned with ``logits`` (shift causal-LM labels first).
-        gamma (`float`): in [0, 1). 0 is cross-entropy; the TaiLr paper uses 0.1 (translation) to 0.8
-            (summarisation).
+        gamma (`float`): in [0, 1]. 0 is cross-entropy; the TaiLr paper uses 0.1 (translation) to 0.8
+            (summarisation); 1 with ``min_weight=0`` is DFT.
         min_weight (`float`, *optional*, defaults to `0.0`): the floor ``b`` of the weights, in [0, 1] (the paper
             uses 0.2-0.3, so no target is ignored entirely).
         ignore_index (`int`, *optional*, defaults to `-100`): label value of targets that contribute nothing.

@@ -32,9 +32,9 @@ class TVDConfig(TrainingArguments):
     tvd_gamma: float = field(
         default=0.1,
         metadata={
-            "help": "TVD gamma in [0, 1): 0 is cross-entropy, towards 1 the total variation distance. The TaiLr paper "
-            "uses 0.1 (translation) and 0.8 (summarisation); the method's author: small from scratch, larger when "
-            "fine-tuning."
+            "help": "TVD gamma in [0, 1]: 0 is cross-entropy, 1 the total variation distance (DFT with "
+            "tvd_min_weight=0). The TaiLr paper uses 0.1 (translation) and 0.8 (summarisation); the method's author: "
+            "small from scratch, larger when fine-tuning."
         },
     )
     tvd_min_weight: float = field(
@@ -46,15 +46,15 @@ class TVDConfig(TrainingArguments):
         metadata={"help": f"One of {TVD_GAMMA_SCHEDULES}: `linear` moves gamma from tvd_gamma_start to tvd_gamma."},
     )
     tvd_gamma_start: float = field(
-        default=0.0, metadata={"help": "Gamma at step 0 under the `linear` schedule, in [0, 1)."}
+        default=0.0, metadata={"help": "Gamma at step 0 under the `linear` schedule, in [0, 1]."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("tvd_gamma", "tvd_gamma_start"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
         if not isinstance(self.tvd_min_weight, (int, float)) or not 0.0 <= self.tvd_min_weight <= 1.0:
             raise ValueError(f"`tvd_min_weight` must be a number in [0, 1], got {self.tvd_min_weight!r}.")
         if self.tvd_gamma_schedule not in TVD_GAMMA_SCHEDULES:

@@ -65,7 +65,7 @@ def tvd_compute_loss_func(
     `TVDTrainer`.
 
     Args:
-        gamma (`float`): in [0, 1); 0 is cross-entropy.
+        gamma (`float`): in [0, 1]; 0 is cross-entropy, 1 (with ``min_weight=0``) DFT.
         task (`str`, *optional*, defaults to `"causal_lm"`): one of ``("classification", "causal_lm", "seq2seq",
             "token_classification")``; ``causal_lm`` shifts the labels by one position.
         min_weight (`float`, *optional*, defaults to `0.0`): floor of the weights, in [0, 1].

@@ -30,6 +30,25 @@ def _data(rows: int = 24, classes: int = 9, dtype=torch.float64):
     return logits, labels
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gamma_one_without_a_floor_is_dft(dtype) -> None:
+    """DFT as TRL writes it (``per_token_loss = -log_probs * log_probs.exp().detach()``, summed over the targets and
+    divided by their count), loss and gradients; with a floor the weight is ``max(p, b)``."""
+    logits, labels = _data(dtype=torch.float64)
+    keep = labels != -100
+    log_probs = torch.log_softmax(logits, dim=-1)[keep].gather(1, labels[keep][:, None])[:, 0]
+    trl = (-log_probs * log_probs.exp().detach()).sum() / keep.sum()
+    ours = tvd_loss(logits.to(dtype), labels, gamma=1.0, min_weight=0.0)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(ours.double(), trl, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        (g_ours,) = torch.autograd.grad(ours, logits)
+        (g_trl,) = torch.autograd.grad(trl, logits)
+        torch.testing.assert_close(g_ours, g_trl, rtol=1e-12, atol=1e-12)
+    floored = (-log_probs * log_probs.exp().detach().clamp(min=0.1)).mean()
+    torch.testing.assert_close(tvd_loss(logits, labels, gamma=1.0, min_weight=0.1), floored, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_gamma_zero_is_exactly_cross_entropy(label_smoothing: float) -> None:
     logits, labels = _data()
@@ -122,8 +141,8 @@ def test_half_precision_logits_are_computed_in_fp32(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"gamma": 1.0}, r"`gamma` must be a number in \[0, 1\)"),
-        ({"gamma": -0.1}, r"`gamma` must be a number in \[0, 1\)"),
+        ({"gamma": 1.5}, r"`gamma` must be a number in \[0, 1\]"),
+        ({"gamma": -0.1}, r"`gamma` must be a number in \[0, 1\]"),
         ({"gamma": 0.5, "min_weight": 1.5}, r"`min_weight` must be a number in \[0, 1\]"),
         ({"gamma": 0.5, "label_smoothing": -0.1}, "`label_smoothing`"),
         ({"gamma": 0.5, "labels": torch.tensor([0, 1, 9, 2])}, r"`labels` must be class indices in \[0, 5\)"),

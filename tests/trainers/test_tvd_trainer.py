@@ -324,8 +324,8 @@ def test_compute_loss_func_for_the_stock_trainer_matches_tvd_trainer(tiny_llama_
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"tvd_gamma": 1.0}, r"`tvd_gamma` must be a number in \[0, 1\)"),
-        ({"tvd_gamma_start": -0.5}, r"`tvd_gamma_start` must be a number in \[0, 1\)"),
+        ({"tvd_gamma": 1.01}, r"`tvd_gamma` must be a number in \[0, 1\]"),
+        ({"tvd_gamma_start": -0.5}, r"`tvd_gamma_start` must be a number in \[0, 1\]"),
         ({"tvd_min_weight": 2.0}, r"`tvd_min_weight` must be a number in \[0, 1\]"),
         ({"tvd_gamma_schedule": "cosine"}, "`tvd_gamma_schedule` must be one of"),
     ],
@@ -342,5 +342,5 @@ def test_trainer_and_loss_func_reject_bad_setups(tiny_bert_dir, tmp_path) -> Non
         TVDTrainer(model=_classifier(tiny_bert_dir), args=TrainingArguments(output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="`task` must be one of"):
         tvd_compute_loss_func(0.5, task="lm")
-    with pytest.raises(ValueError, match=r"`gamma` must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"`gamma` must be a number in \[0, 1\]"):
         tvd_compute_loss_func(1.5)
