@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from hf_ext.tensor_memory import TensorBytes
+from hf_ext.tensor_memory import TensorBytes, reachable_tensors
 
 HERE = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "transformers", "sentence-transformers", "accelerate", "peft", "numpy", "scipy")
@@ -284,21 +284,7 @@ def tensor_bytes(obj: Any) -> int:
     """Bytes of the distinct storages behind every tensor reachable from ``obj``: nested lists, tuples and dicts,
     and the attributes of other objects (a transformers KV cache and its layers, an optimizer's state)."""
     sizes: dict[int, int] = {}
-    visited: set[int] = set()
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            sizes[storage.data_ptr() or id(storage)] = storage.nbytes()
-        elif id(item) in visited or isinstance(item, (str, bytes, int, float, bool, type(None))):
-            continue
-        else:
-            visited.add(id(item))
-            if isinstance(item, Mapping):
-                stack.extend(item.values())
-            elif isinstance(item, (list, tuple, set)):
-                stack.extend(item)
-            elif hasattr(item, "__dict__") and not isinstance(item, torch.nn.Module):
-                stack.extend(vars(item).values())
+    for tensor in reachable_tensors(obj):
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr() or id(storage)] = storage.nbytes()
     return sum(sizes.values())

@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TensorBytes"]
+__all__ = ["TensorBytes", "reachable_tensors"]
 
 
 class TensorBytes(TorchDispatchMode):
@@ -73,3 +74,36 @@ class TensorBytes(TorchDispatchMode):
                 self.live += nbytes - known
             self.peak = max(self.peak, self.live)
         return out
+
+
+def reachable_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``obj``: through mappings, lists, tuples and sets, and the attributes of other
+    objects (a transformers KV cache and its layers, GaLore's projector objects), never into an `nn.Module`; each
+    container is walked once. Several tensors may share one storage: the caller keys what it counts.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_ext.tensor_memory import reachable_tensors
+    >>> x = torch.zeros(3)
+    >>> len(list(reachable_tensors({"a": [x, (x, 1)], "b": None})))
+    2
+    ```
+    """
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif id(item) in seen or isinstance(item, (str, bytes, int, float, bool, type(None))):
+            continue
+        else:
+            seen.add(id(item))
+            if isinstance(item, Mapping):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple, set)):
+                stack.extend(item)
+            elif hasattr(item, "__dict__") and not isinstance(item, torch.nn.Module):
+                stack.extend(vars(item).values())

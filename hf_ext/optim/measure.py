@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tensor_memory import reachable_tensors
 from .freeing import is_freed
 from .memory import TrainingMemory
 
@@ -66,25 +67,11 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """This process's bytes of every distinct tensor reachable from the state: values, nested containers, and the
     attributes of objects kept there (GaLore's and APOLLO's projector objects hold their projection matrix)."""
     sizes: dict[int, int] = {}
-    seen: set[int] = set()
-    stack: list[Any] = list(optimizer.state.values())
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            part = _local(item)
-            sizes[id(part.untyped_storage()) if part.data_ptr() == 0 else part.data_ptr()] = (
-                part.numel() * part.element_size()
-            )
-        elif id(item) in seen or isinstance(item, (str, bytes, int, float, bool, type(None))):
-            continue
-        else:
-            seen.add(id(item))
-            if isinstance(item, Mapping):
-                stack.extend(item.values())
-            elif isinstance(item, (list, tuple, set)):
-                stack.extend(item)
-            elif hasattr(item, "__dict__") and not isinstance(item, nn.Module):
-                stack.extend(vars(item).values())
+    for tensor in reachable_tensors(list(optimizer.state.values())):
+        part = _local(tensor)
+        sizes[id(part.untyped_storage()) if part.data_ptr() == 0 else part.data_ptr()] = (
+            part.numel() * part.element_size()
+        )
     return sum(sizes.values())
 
 
