@@ -344,3 +344,12 @@ def test_an_index_without_anchor_scores_refuses_more_than_one_round(rank12) -> N
     assert old.search(["query 30"], top_k=5, rerank_k=14) == index.search(["query 30"], top_k=5, rerank_k=14)
     with pytest.raises(ValueError, match="anchor scores"):
         old.search(["query 30"], top_k=5, rerank_k=14, rounds=2)
+
+
+def test_anchor_scores_of_the_wrong_shape_or_past_float16_are_refused(rank12) -> None:
+    index = _ada_index(rank12)
+    args = (index.items, index.anchor_item_ids, index.item_matrix, index.anchor_queries)
+    with pytest.raises(ValueError, match=r"`anchor_scores` has shape \(19, 80\), expected \(20, 80\)"):
+        CURIndex(*args, anchor_scores=np.zeros((19, 80)))
+    with pytest.raises(ValueError, match="`anchor_scores` overflows float16"):
+        CURIndex(*args, anchor_scores=np.full((20, 80), 1e5))
