@@ -43,14 +43,20 @@ lint: $(VENV)/.hf_ext-installed-dev
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# pip byte-compiles one file at a time; --no-compile and one compileall over every core after it install the same
+# files in ~15 s less on 2 cores (torch ships a Python 3.12-only test helper that 3.11 cannot compile: skipped).
+COMPILE := $(PY) -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
+
 $(VENV)/.hf_ext-installed: pyproject.toml Makefile | $(PY)
-	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[gguf]"
-	$(PIP) install --no-deps $(ASSETS)
+	$(PIP) install --no-compile "$(TORCH_SPEC)"
+	$(PIP) install --no-compile -e ".[gguf]"
+	$(PIP) install --no-compile --no-deps $(ASSETS)
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.hf_ext-installed-dev: $(VENV)/.hf_ext-installed
-	$(PIP) install -e ".[dev,gguf]"
+	$(PIP) install --no-compile -e ".[dev,gguf]"
+	$(COMPILE)
 	touch $@
 
 clean:

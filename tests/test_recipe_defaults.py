@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import math
 from pathlib import Path
 
 from hf_ext import CrossEncoderCoSENTLoss
@@ -62,3 +63,66 @@ def test_cross_encoder_defaults_are_the_dev_choice() -> None:
     assert defaults["learning_rate"] == chosen["cross_cosent"]["value"]
     sweep_batch = {r["batch_size"] for r in _results()["runs"].values() if r["model_type"] == "cross"}
     assert sweep_batch == {defaults["batch_size"]}
+
+
+def _cosent_benchmark():
+    """benchmarks/cosent_sts.py as a module (its run keys and chosen settings; nothing is run)."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `_common` import
+    spec = importlib.util.spec_from_file_location("cosent_sts_bench", ROOT / "benchmarks" / "cosent_sts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scored_under(curve: list[dict], fraction: float) -> list[dict]:
+    """The points of a recorded dev curve that a run evaluating every ``fraction`` of its steps scores: every
+    ``ceil(fraction * steps)`` steps and the last step (the Trainer's schedule), each required to be recorded."""
+    steps = curve[-1]["step"]
+    every = math.ceil(fraction * steps)
+    wanted = sorted({*range(every, steps + 1, every), steps})
+    by_step = {point["step"]: point for point in curve}
+    missing = [s for s in wanted if s not in by_step]
+    assert not missing, f"the recorded curve lacks steps {missing}: the schedule is not a subset of the sweep's"
+    return [by_step[s] for s in wanted]
+
+
+def _best_index(points: list[dict]) -> int:
+    """The kept checkpoint: the first best (the Trainer keeps a strict improvement)."""
+    values = [p["dev_spearman"] for p in points]
+    return values.index(max(values))
+
+
+def test_every_choice_and_reported_checkpoint_of_the_sweep_holds_under_the_recipes_evaluation_schedule() -> None:
+    """The sweep ran with dev scored every tenth; the recipe now scores every `EVAL_FRACTION`. Scoring dev does not
+    change training, so a run under the new schedule sees a subset of the recorded curve: every sweep must choose the
+    same value from those points, and every run whose test figure is reported must keep the same checkpoint."""
+    data, bench = _results(), _cosent_benchmark()
+    fraction = _recipe_constant("EVAL_FRACTION")
+    runs = data["runs"]
+
+    def reread(run: dict) -> float:
+        return max(p["dev_spearman"] for p in _scored_under(run["dev_curve"], fraction))
+
+    by_score = {(r["model_type"], r["loss"], r["dev_spearman"]): r for r in runs.values()}
+    chosen = data["chosen"]
+    sweeps = [step for step in chosen["bi_cosent"]["steps"]]
+    sweeps += [chosen[name] for name in ("cross_cosent_scale", "cross_cosent", "cross_st_bce", "cross_st_mse",
+                                         "bi_st_cosine")]  # fmt: skip
+    for sweep in sweeps:
+        base = sweep["base"]
+        scores = {value: reread(by_score[(base["model_type"], base["loss"], score)])
+                  for value, score in sweep["sweep"].items()}  # fmt: skip
+        assert float(max(scores, key=scores.get)) == float(sweep["value"]), (sweep["param"], base, scores)
+    reported = 0
+    for (model_type, loss) in bench.NAMES:
+        spec = bench.chosen_spec(data, model_type, loss)
+        for seed in bench.SEEDS:
+            run = runs[bench.run_key({**spec, "seed": seed})]
+            points = _scored_under(run["dev_curve"], fraction)
+            kept = points[_best_index(points)]["step"]
+            assert run["checkpoint"] == f"best on dev (checkpoint-{kept})", (bench.run_key({**spec, "seed": seed}))
+            reported += 1
+    assert reported == len(bench.NAMES) * len(bench.SEEDS)
