@@ -8,7 +8,8 @@
 The protocol (benchmarks/_common.py): every setting is chosen on STS-B **dev** (1,500 pairs); the test split
 (1,379 pairs) is evaluated once per chosen setting and seed, never for a setting the sweep did not choose. Every
 training run is `recipes/train_cosent.py` in a child process (``--jobs`` at a time, one thread each) with the
-recipe's own defaults (one epoch, dev every tenth of the run, the best-on-dev checkpoint kept) and
+recipe's own defaults (one epoch, dev every tenth of the run in the committed runs (the recipe now scores every
+fifth: `EVAL_FRACTION`), the best-on-dev checkpoint kept) and
 ``--evaluate_test false``; the saved model is tested afterwards only when its setting is chosen. Finished runs
 are kept in the results file, so an interrupted run resumes.
 

@@ -73,6 +73,9 @@ def summarize(data: dict) -> dict:
         "job_seconds": run_["job_seconds"],
         "install_seconds": run_["install_seconds"],
         "job_within_budget": run_["job_seconds"] <= BUDGET_SECONDS,
+        # `make quickstart` on a fresh clone creates .venv first: the budget holds for both together
+        "install_and_job_seconds": run_["install_seconds"] + run_["job_seconds"],
+        "install_and_job_within_budget": run_["install_seconds"] + run_["job_seconds"] <= BUDGET_SECONDS,
         "budget_seconds": BUDGET_SECONDS,
     }
 
@@ -80,15 +83,20 @@ def summarize(data: dict) -> dict:
 def table(data: dict) -> str:
     s = data["summary"]
     return (f"`make quickstart`: STS-B test Spearman {s['test_spearman_before']:.4f} -> {s['test_spearman_after']:.4f} "
-            f"({s['test_gain']:+.4f}) in {s['job_seconds']:.0f} s (budget {s['budget_seconds']} s), plus "
-            f"{s['install_seconds']:.0f} s of first install")  # fmt: skip
+            f"({s['test_gain']:+.4f}) in {s['job_seconds']:.0f} s after {s['install_seconds']:.0f} s of first install: "
+            f"{s['install_and_job_seconds']:.0f} s in all (budget {s['budget_seconds']} s)")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=RESULTS / "quickstart.json")
     parser.add_argument("--table", action="store_true", help="print the README line from --output and exit")
+    parser.add_argument("--summarize", action="store_true", help="rewrite --output's summary from its run and exit")
     args = parser.parse_args()
+    if args.summarize:
+        data = json.loads(args.output.read_text())
+        save_results(args.output, data, summarize)
+        return
     if args.table:
         print(table(json.loads(args.output.read_text())))
         return

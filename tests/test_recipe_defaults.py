@@ -96,9 +96,10 @@ def _best_index(points: list[dict]) -> int:
 
 
 def test_every_choice_and_reported_checkpoint_of_the_sweep_holds_under_the_recipes_evaluation_schedule() -> None:
-    """The sweep ran with dev scored every tenth; the recipe now scores every `EVAL_FRACTION`. Scoring dev does not
-    change training, so a run under the new schedule sees a subset of the recorded curve: every sweep must choose the
-    same value from those points, and every run whose test figure is reported must keep the same checkpoint."""
+    """The sweep ran with dev scored every tenth; the recipe now scores every `EVAL_FRACTION`, a subset of the
+    recorded points. Choosing from that subset alone, every sweep must choose the same value and every run whose test
+    figure is reported must keep the same checkpoint. (A re-run under the new schedule is not bit-identical: each
+    evaluation draws once from torch's RNG, which shifts the dropout masks; that is seed-like noise, not selection.)"""
     data, bench = _results(), _cosent_benchmark()
     fraction = _recipe_constant("EVAL_FRACTION")
     runs = data["runs"]
@@ -108,7 +109,7 @@ def test_every_choice_and_reported_checkpoint_of_the_sweep_holds_under_the_recip
 
     by_score = {(r["model_type"], r["loss"], r["dev_spearman"]): r for r in runs.values()}
     chosen = data["chosen"]
-    sweeps = [step for step in chosen["bi_cosent"]["steps"]]
+    sweeps = list(chosen["bi_cosent"]["steps"])
     sweeps += [chosen[name] for name in ("cross_cosent_scale", "cross_cosent", "cross_st_bce", "cross_st_mse",
                                          "bi_st_cosine")]  # fmt: skip
     for sweep in sweeps:
@@ -117,12 +118,12 @@ def test_every_choice_and_reported_checkpoint_of_the_sweep_holds_under_the_recip
                   for value, score in sweep["sweep"].items()}  # fmt: skip
         assert float(max(scores, key=scores.get)) == float(sweep["value"]), (sweep["param"], base, scores)
     reported = 0
-    for (model_type, loss) in bench.NAMES:
+    for model_type, loss in bench.NAMES:
         spec = bench.chosen_spec(data, model_type, loss)
         for seed in bench.SEEDS:
             run = runs[bench.run_key({**spec, "seed": seed})]
             points = _scored_under(run["dev_curve"], fraction)
             kept = points[_best_index(points)]["step"]
-            assert run["checkpoint"] == f"best on dev (checkpoint-{kept})", (bench.run_key({**spec, "seed": seed}))
+            assert run["checkpoint"] == f"best on dev (checkpoint-{kept})", bench.run_key({**spec, "seed": seed})
             reported += 1
     assert reported == len(bench.NAMES) * len(bench.SEEDS)
