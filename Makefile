@@ -44,8 +44,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # pip byte-compiles one file at a time; --no-compile and one compileall over every core after it install the same
-# files in ~15 s less on 2 cores (torch ships a Python 3.12-only test helper that 3.11 cannot compile: skipped).
-COMPILE := $(PY) -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
+# files ~12 s faster on 2 cores (94 -> 82 s). A file the interpreter cannot compile (torch ships a Python-3.12-only
+# test helper, skipped here) is reported and, as with pip, does not fail the install: it is compiled on import.
+COMPILE := $(PY) -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib || \
+	echo "compileall: the files above did not byte-compile (as pip does, the install goes on)"
 
 $(VENV)/.hf_ext-installed: pyproject.toml Makefile | $(PY)
 	$(PIP) install --no-compile "$(TORCH_SPEC)"
