@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 from _common import load_results, protocol, save_results
+from _peers import PEERS, peer_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("adamw", "lora", "projected", "projected_freeing")  # one process and FSDP2
-PEERS = ("galore", "galore_layerwise", "apollo")  # one process: neither runs on FSDP2
 PARTS = ("weights", "gradients", "optimizer_state")
 RANK = 64
 WORLD_SIZE = 2
@@ -79,64 +79,11 @@ def _measure(method: str, mesh=None) -> dict[str, dict[str, int]]:
         if method in ("adamw", "lora"):
             return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         if method.startswith(("galore", "apollo")):
-            return _peer_optimizer(model, method)
+            return peer_optimizer(model, method, rank=RANK, lr=1e-5)
         return create_projected_optimizer(model, rank=RANK, lr=1e-5, step_in_backward=method.endswith("freeing"))
 
     measured = measure_training_memory(model, make_optimizer, batch)
     return {"measured": measured.as_dict(), "estimated": estimated.as_dict()}
-
-
-class _Layerwise:
-    """GaLore's layer-wise mode as its README and transformers' ``galore_adamw_layerwise`` run it: one optimizer
-    per weight, stepped and its gradient dropped in a post-accumulate-grad hook; ``step`` has nothing left to do."""
-
-    def __init__(self, optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
-        for param, optimizer in optimizers.items():
-            param.register_post_accumulate_grad_hook(self._hook(optimizer))
-
-    @staticmethod
-    def _hook(optimizer: torch.optim.Optimizer):
-        def step_and_free(_param: torch.Tensor) -> None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step_and_free
-
-    @property
-    def state(self) -> dict:
-        return {p: o.state[p] for p, o in self.optimizers.items() if p in o.state}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    def step(self) -> None:
-        pass
-
-
-def _peer_optimizer(model: torch.nn.Module, method: str):
-    """GaLore (galore-torch) or APOLLO (apollo-torch) on the same targets as ProjectedAdamW, their defaults
-    otherwise (GaLore: scale 0.25, SVD every 200 steps; APOLLO: channel-wise scales, random projection)."""
-    from hf_ext.optim import projected_parameter_names
-
-    targets = set(projected_parameter_names(model))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    low_rank = [p for n, p in named if n in targets]
-    rest = [p for n, p in named if n not in targets]
-    if method.startswith("galore"):
-        from galore_torch import GaLoreAdamW as optimizer_cls
-
-        extra = {"rank": RANK, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-    else:
-        from apollo_torch import APOLLOAdamW as optimizer_cls
-
-        extra = {"rank": RANK, "proj": "random", "scale_type": "channel", "scale": 1, "update_proj_gap": 200,
-                 "proj_type": "std"}  # fmt: skip
-    if method == "galore_layerwise":
-        projected = {id(p) for p in low_rank}
-        return _Layerwise({p: optimizer_cls([{"params": [p], **(extra if id(p) in projected else {})}], lr=1e-5)
-                           for p in low_rank + rest})  # fmt: skip
-    return optimizer_cls([{"params": rest}, {"params": low_rank, **extra}], lr=1e-5)
 
 
 def _rank(rank: int, world_size: int) -> dict[str, dict]:
@@ -248,7 +195,7 @@ def main() -> None:
     ))  # fmt: skip
     torch.set_num_threads(1)
     data["one_process"] = {}
-    for method in (*METHODS, *PEERS):
+    for method in (*METHODS, *PEERS):  # the peers on one process only: neither runs on FSDP2
         data["one_process"][method] = _measure(method)
         print(method, "one process", _errors(data["one_process"][method]), file=sys.stderr)
     data["fsdp2"] = run_distributed(_rank, world_size=WORLD_SIZE, timeout=1800.0)

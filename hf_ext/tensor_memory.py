@@ -3,8 +3,10 @@
 On CPU there is no allocator statistic like CUDA's ``max_memory_allocated``, and a resident-set delta can read 0
 when the allocator reuses freed pages. `TensorBytes` is a `TorchDispatchMode`: every operator's output storages
 (forward and backward alike) are counted from their creation until they are freed, so a gradient freed during
-backward stops counting at once. Storages that exist before the block (weights, inputs) are not counted unless an
-operator resizes them. The probe costs Python time per operator: never time code inside it.
+backward stops counting at once. Storages that exist before the block (weights, inputs) are not counted, not even
+when an operator returns them (a view, an in-place update such as an optimizer's) unless it grows them (an ``out=``
+buffer resized: the growth counts). A DTensor counts as its local shard. The probe costs Python time per operator:
+never time code inside it.
 
 Example:
 
@@ -27,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["TensorBytes", "reachable_tensors"]
@@ -49,29 +51,47 @@ class TensorBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
+        self._base: dict[int, int] = {}  # bytes a storage had before the block (grown in place since)
         self._refs: dict[int, weakref.ref] = {}
 
     def _release(self, key: int, _ref: weakref.ref) -> None:
         self.live -= self._sizes.pop(key, 0)
+        self._base.pop(key, None)
         self._refs.pop(key, None)
 
+    def _storages(self, tree: Any) -> Iterator[torch.UntypedStorage]:
+        """The storages behind the tensors in ``tree`` on this device; a tensor subclass that wraps others (a
+        DTensor) stands for its inner tensors (this rank's shard)."""
+        stack = [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        while stack:
+            tensor = stack.pop()
+            if is_traceable_wrapper_subclass(tensor):
+                names, _ = tensor.__tensor_flatten__()
+                inner = (getattr(tensor, name) for name in names)
+                stack.extend(t for t in inner if isinstance(t, torch.Tensor))
+            elif tensor.device.type == self.device_type:
+                yield tensor.untyped_storage()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
-                continue
-            storage = tensor.untyped_storage()
+        kwargs = kwargs or {}
+        # storages the operator was handed: an output that is one of them (a view, an in-place or out= result)
+        # is new memory only where it is tracked already or has grown
+        before = {id(s): s.nbytes() for s in self._storages((args, kwargs)) if id(s) not in self._sizes}
+        out = func(*args, **kwargs)
+        for storage in self._storages(out):
             key, nbytes = id(storage), storage.nbytes()
             known = self._sizes.get(key)
             if known is None:
-                if nbytes == 0:
+                base = before.get(key, 0)
+                if nbytes <= base:
                     continue
                 self._refs[key] = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
-                self._sizes[key] = nbytes
-                self.live += nbytes
-            elif nbytes != known:  # resized in place (an out= buffer)
-                self._sizes[key] = nbytes
-                self.live += nbytes - known
+                self._base[key] = base
+                self._sizes[key] = nbytes - base
+                self.live += nbytes - base
+            elif nbytes - self._base[key] != known:  # resized in place (an out= buffer)
+                self._sizes[key] = nbytes - self._base[key]
+                self.live += self._sizes[key] - known
             self.peak = max(self.peak, self.live)
         return out
 

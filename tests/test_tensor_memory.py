@@ -30,6 +30,37 @@ def test_in_place_resize_and_other_devices() -> None:
     assert meta.peak == 0
 
 
+def test_views_and_in_place_updates_of_earlier_tensors_are_not_new_memory() -> None:
+    weight = torch.ones(256, 256)  # 262,144 bytes, made before the block (a model's weight)
+    with TensorBytes() as probe:
+        weight.t()  # a view: no new storage
+        weight.mul_(0.5)  # an in-place update (an optimizer step): returns the same storage
+        weight.view(-1)[:10].add_(1.0)
+        kept = weight[:2].clone()  # 2,048 bytes, new
+    assert probe.peak == 2048
+    assert probe.live == 2048
+    del kept
+
+
+def _sharded_bytes(rank: int, world_size: int) -> int:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    weight = distribute_tensor(torch.ones(100, 10), mesh, [Shard(0)])  # 4,000 bytes, 2,000 on each rank
+    with TensorBytes() as probe:
+        doubled = weight * 2  # this rank's new shard: 2,000 bytes
+        weight.mul_(3)  # in place: nothing new
+    del doubled
+    return probe.peak
+
+
+def test_a_dtensor_counts_as_this_ranks_shard() -> None:
+    from hf_ext.testing import run_distributed
+
+    assert run_distributed(_sharded_bytes, world_size=2) == [2000, 2000]
+
+
 def test_bad_device_type_is_refused() -> None:
     with pytest.raises(ValueError, match="`device_type` must be a device type string"):
         TensorBytes(torch.device("cpu"))  # type: ignore[arg-type]
