@@ -5,8 +5,9 @@ when the allocator reuses freed pages. `TensorBytes` is a `TorchDispatchMode`: e
 (forward and backward alike) are counted from their creation until they are freed, so a gradient freed during
 backward stops counting at once. Storages that exist before the block (weights, inputs) are not counted, not even
 when an operator returns them (a view, an in-place update such as an optimizer's) unless it grows them (an ``out=``
-buffer resized: the growth counts). A DTensor counts as its local shard. The probe costs Python time per operator:
-never time code inside it.
+buffer resized: the growth counts). A storage resized outside any operator (FSDP2 frees its unsharded parameters
+with ``untyped_storage().resize_(0)``) counts at its size as of the next operator. A DTensor counts as its local
+shard. The probe costs Python time per operator: never time code inside it.
 
 Example:
 
@@ -59,6 +60,18 @@ class TensorBytes(TorchDispatchMode):
         self._base.pop(key, None)
         self._refs.pop(key, None)
 
+    def _reread(self) -> None:
+        """Re-read the size of every tracked storage: one resized outside any operator (FSDP2 frees and re-allocates
+        its unsharded parameters with ``untyped_storage().resize_``, which no dispatch mode sees) counts as it is
+        now."""
+        live = 0
+        for key, ref in self._refs.items():
+            storage = ref()
+            size = 0 if storage is None else max(storage.nbytes() - self._base[key], 0)
+            self._sizes[key] = size
+            live += size
+        self.live = live
+
     def _storages(self, tree: Any) -> Iterator[torch.UntypedStorage]:
         """The storages behind the tensors in ``tree`` on this device; a tensor subclass that wraps others (a
         DTensor) stands for its inner tensors (this rank's shard)."""
@@ -78,6 +91,7 @@ class TensorBytes(TorchDispatchMode):
         # is new memory only where it is tracked already or has grown
         before = {id(s): s.nbytes() for s in self._storages((args, kwargs)) if id(s) not in self._sizes}
         out = func(*args, **kwargs)
+        self._reread()
         for storage in self._storages(out):
             key, nbytes = id(storage), storage.nbytes()
             known = self._sizes.get(key)

@@ -42,6 +42,18 @@ def test_views_and_in_place_updates_of_earlier_tensors_are_not_new_memory() -> N
     del kept
 
 
+def test_a_storage_resized_outside_any_operator_counts_at_its_new_size() -> None:
+    with TensorBytes() as probe:
+        buffer = torch.empty(1024)  # 4,096 bytes
+        buffer.untyped_storage().resize_(0)  # as FSDP2 frees an unsharded parameter: no operator runs
+        small = torch.zeros(1)  # the next operator: 4 bytes
+        assert probe.live == 4
+        buffer.untyped_storage().resize_(4096)  # re-allocated, then filled by an operator
+        buffer.fill_(1.0)
+    assert probe.live == 4096 + 4 and probe.peak == 4096 + 4
+    del buffer, small
+
+
 def _sharded_bytes(rank: int, world_size: int) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
