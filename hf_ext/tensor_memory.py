@@ -94,19 +94,14 @@ class TensorBytes(TorchDispatchMode):
         self._reread()
         for storage in self._storages(out):
             key, nbytes = id(storage), storage.nbytes()
-            known = self._sizes.get(key)
-            if known is None:
-                base = before.get(key, 0)
-                if nbytes <= base:
-                    continue
-                self._refs[key] = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
-                self._base[key] = base
-                self._sizes[key] = nbytes - base
-                self.live += nbytes - base
-            elif nbytes - self._base[key] != known:  # resized in place (an out= buffer)
-                self._sizes[key] = nbytes - self._base[key]
-                self.live += self._sizes[key] - known
-            self.peak = max(self.peak, self.live)
+            base = before.get(key, 0)
+            if key in self._sizes or nbytes <= base:  # tracked (its size just re-read), or no new bytes
+                continue
+            self._refs[key] = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
+            self._base[key] = base
+            self._sizes[key] = nbytes - base
+            self.live += nbytes - base
+        self.peak = max(self.peak, self.live)
         return out
 
 
