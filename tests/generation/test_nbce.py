@@ -388,3 +388,25 @@ def test_the_nucleus_from_top_candidates_is_the_full_sorts(scale: float, top_p: 
     sorted_probs = logp.exp().sort(dim=-1, descending=True).values.double()
     expected = (sorted_probs.cumsum(dim=-1) - sorted_probs < top_p).sum(dim=-1)
     assert torch.equal(torch.isfinite(fast).sum(dim=-1), expected)
+
+
+@pytest.mark.parametrize("pooling", ["entropy", "mean", "max"])
+def test_rows_whose_nucleus_outgrows_the_candidates_are_searched_again_alone(pooling: str) -> None:
+    """Peaked rows fit in the first candidates, flat ones (the prior among them) need several growths: the
+    combined step still equals the reference formula's, and every row's nucleus the full sort's."""
+    from hf_ext.generation.nbce_hub.custom_generate import generate as nbce_module
+
+    scales = torch.tensor([0.2, 8.0, 0.05, 6.0, 1.0, 12.0, 0.5])[:, None]  # flat prior, mixed contexts
+    for seed in range(3):
+        logits = torch.randn(7, 5000, generator=torch.Generator().manual_seed(seed)) * scales
+        logits[:, seed] = logits.max(dim=-1).values + 1.0  # a low index in every nucleus (a padding slot's write)
+        logp = logits.log_softmax(dim=-1)
+        assert torch.equal(nbce_module._top_p_mask(logp, 0.95), nbce_module._top_p_mask_sorted(logp, 0.95))
+        combined, chosen = nbce_combine(logits, beta=0.25, pooling=pooling, eta=0.3, top_p=0.95, previous=2)
+        expected, expected_chosen, _ = _reference_combine(
+            logits.numpy(), beta=0.25, pooling=pooling, eta=0.3, top_p=0.95, previous=2
+        )
+        assert (None if chosen is None else int(chosen)) == expected_chosen
+        expected = torch.from_numpy(expected).float()
+        assert torch.equal(torch.isfinite(combined), torch.isfinite(expected))
+        torch.testing.assert_close(combined, expected, rtol=1e-5, atol=1e-5)

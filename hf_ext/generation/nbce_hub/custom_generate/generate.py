@@ -28,9 +28,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 POOLINGS = ("entropy", "mean", "max")
 
 
-# The nucleus is searched among each row's top candidates (a top-k, far cheaper than sorting the whole vocabulary),
-# doubled until every row's nucleus ends inside them: the same set as a full sort gives.
+# The nucleus is searched among each row's top candidates (a top-k, far cheaper than sorting the whole vocabulary):
+# NUCLEUS_CANDIDATES to start, and a row whose nucleus goes past them gets GROWTH times more, alone, until it fits.
 NUCLEUS_CANDIDATES = 256
+GROWTH = 4
 
 
 def _top_p_mask_sorted(logp: Tensor, top_p: float) -> Tensor:
@@ -42,19 +43,54 @@ def _top_p_mask_sorted(logp: Tensor, top_p: float) -> Tensor:
     return logp.masked_fill(drop, -torch.inf)
 
 
+def _in_nucleus(values: Tensor, top_p: float) -> Tensor:
+    """Which of each row's best-first candidates lie in its nucleus: a token is kept while the mass before it is
+    < ``top_p``."""
+    probs = values.exp()
+    return (probs.cumsum(dim=-1) - probs) < top_p
+
+
 def _nucleus_candidates(logp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
-    """Each row's nucleus among its best tokens: ``(values, index)`` of the rows' top candidates (best first), the
-    values -inf past the nucleus. `NUCLEUS_CANDIDATES` to start, doubled until the mass before every row's last
-    candidate reaches ``top_p``: then each nucleus lies inside, and the prefix sums are those of a full sort."""
+    """Each row's nucleus among its best tokens: ``(values, index)`` of shape ``(rows, width)``, best first, the
+    values -inf past the row's nucleus (its index there repeats a token already outside it, so a scatter of the
+    pair writes -inf only where the row has -inf).
+
+    Every row starts with `NUCLEUS_CANDIDATES`; a row whose last candidate is still inside its nucleus gets
+    `GROWTH` times more, alone (the other rows are not searched again), until it ends inside them: then the
+    prefix sums are those of a full sort, and so is the set. ``width`` is the largest row's candidate count.
+    """
     vocab = logp.shape[-1]
     k = min(NUCLEUS_CANDIDATES, vocab)
-    while True:
-        values, index = logp.topk(k, dim=-1)  # (rows, k), best first
-        probs = values.exp()
-        keep = (probs.cumsum(dim=-1) - probs) < top_p  # keep a token while the mass before it is < top_p
-        if k == vocab or not bool(keep[..., -1].any()):
-            return values.masked_fill(~keep, -torch.inf), index
-        k = min(2 * k, vocab)
+    values, index = logp.topk(k, dim=-1)  # (rows, k), best first
+    keep = _in_nucleus(values, top_p)
+    pending = keep[:, -1].nonzero().flatten() if k < vocab else keep.new_zeros(0, dtype=torch.long)
+    grown: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (rows, values, index, keep) of the regrown rows
+    while pending.numel():
+        k = min(GROWTH * k, vocab)
+        more_values, more_index = logp.index_select(0, pending).topk(k, dim=-1)
+        more_keep = _in_nucleus(more_values, top_p)
+        done = ~more_keep[:, -1] if k < vocab else torch.ones_like(more_keep[:, -1])
+        grown.append((pending[done], more_values[done], more_index[done], more_keep[done]))
+        pending = pending[~done]
+    values = values.masked_fill(~keep, -torch.inf)
+    if not grown:
+        return values, index
+    width = grown[-1][1].shape[-1]
+    pad = width - values.shape[-1]  # the narrow rows: -inf values at their last (outside) candidate's index
+    values = torch.cat([values, values.new_full((values.shape[0], pad), -torch.inf)], dim=-1)
+    index = torch.cat([index, index[:, -1:].expand(-1, pad)], dim=-1)
+    for rows, more_values, more_index, more_keep in grown:
+        more_values = more_values.masked_fill(~more_keep, -torch.inf)
+        extra = width - more_values.shape[-1]
+        more_values = torch.cat([more_values, more_values.new_full((rows.numel(), extra), -torch.inf)], dim=-1)
+        more_index = torch.cat([more_index, more_index[:, -1:].expand(-1, extra)], dim=-1)
+        values, index = values.index_copy(0, rows, more_values), index.index_copy(0, rows, more_index)
+    return values, index
+
+
+def _dense(values: Tensor, index: Tensor, vocab: int) -> Tensor:
+    """The rows of `_nucleus_candidates` over the whole vocabulary (-inf outside each nucleus)."""
+    return values.new_full((*values.shape[:-1], vocab), -torch.inf).scatter(-1, index, values)
 
 
 def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
@@ -64,8 +100,7 @@ def _top_p_mask(logp: Tensor, top_p: float) -> Tensor:
         return logp
     if torch.compiler.is_compiling():
         return _top_p_mask_sorted(logp, top_p)
-    values, index = _nucleus_candidates(logp, top_p)
-    return torch.full_like(logp, -torch.inf).scatter(-1, index, values)
+    return _dense(*_nucleus_candidates(logp, top_p), logp.shape[-1])
 
 
 def _entropies(conditionals: Tensor) -> Tensor:
@@ -75,20 +110,23 @@ def _entropies(conditionals: Tensor) -> Tensor:
     return -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(dim=-1)
 
 
+def _lowest_entropy(entropy: Tensor, eta: float, previous: Tensor | int | None) -> Tensor:
+    """The context (1-based, a 0-d tensor) of lowest entropy, the previously chosen one with a bonus of ``eta``."""
+    if previous is not None:  # stickiness: the previously chosen context gets an entropy bonus of eta
+        rows = torch.arange(1, entropy.shape[0] + 1, device=entropy.device)
+        entropy = entropy - eta * (rows == previous).to(entropy.dtype)
+    return entropy.argmin() + 1
+
+
 def _pool_local(
-    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None, entropy: Tensor | None = None
+    conditionals: Tensor, pooling: str, eta: float, previous: Tensor | int | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Pool the context rows; entropy pooling also returns the chosen context (1-based, a 0-d tensor). ``entropy``:
-    the rows' entropies when already known (computed here otherwise).
+    """Pool the context rows; entropy pooling also returns the chosen context (1-based, a 0-d tensor).
 
     Tensor-only (no ``.item()``, no data-dependent Python branch), so it traces into one `torch.compile` graph.
     """
     if pooling == "entropy":
-        entropy = _entropies(conditionals) if entropy is None else entropy
-        if previous is not None:  # stickiness: the previously chosen context gets an entropy bonus of eta
-            rows = torch.arange(1, conditionals.shape[0] + 1, device=entropy.device)
-            entropy = entropy - eta * (rows == previous).to(entropy.dtype)
-        chosen = entropy.argmin() + 1
+        chosen = _lowest_entropy(_entropies(conditionals), eta, previous)
         return conditionals.index_select(0, chosen.view(1) - 1)[0], chosen
     if pooling == "mean":
         return conditionals.mean(dim=0), None
@@ -185,18 +223,28 @@ def nbce_combine(
         is tensor-only, so it compiles into one graph.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
-    entropy = None
+    vocab = logp.shape[-1]
     if top_p < 1.0 and not torch.compiler.is_compiling():  # the nucleus from a top-k, entropies over it alone
         values, index = _nucleus_candidates(logp, top_p)
-        logp = torch.full_like(logp, -torch.inf).scatter(-1, index, values)
-        entropy = _entropies(values[1:]) if pooling == "entropy" else None
+        if pooling == "entropy" and shard_offset is None:  # only the prior and the chosen row over the vocabulary
+            chosen = _lowest_entropy(_entropies(values[1:]), eta, previous)
+            rows = torch.cat([chosen.view(1).new_zeros(1), chosen.view(1)])
+            prior, pooled = _dense(values.index_select(0, rows), index.index_select(0, rows), vocab)
+        else:
+            entropy = _entropies(values[1:]) if pooling == "entropy" else None
+            logp = _dense(values, index, vocab)
+            prior = logp[0]
+            if shard_offset is None:
+                pooled, chosen = _pool_local(logp[1:], pooling, eta, previous)
+            else:
+                pooled, chosen = _pool_sharded(logp[1:], pooling, eta, previous, shard_offset, vocab, entropy)
     else:
         logp = _top_p_mask(logp, top_p)
-    prior, conditionals = logp[0], logp[1:]
-    if shard_offset is None:
-        pooled, chosen = _pool_local(conditionals, pooling, eta, previous, entropy)
-    else:
-        pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, logp.shape[-1], entropy)
+        prior, conditionals = logp[0], logp[1:]
+        if shard_offset is None:
+            pooled, chosen = _pool_local(conditionals, pooling, eta, previous)
+        else:
+            pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, vocab)
     merged = (1.0 + beta) * pooled - beta * prior
     # Where the context-free prior excludes a token (outside its nucleus), use the pooled term alone.
     combined = torch.where(torch.isfinite(prior), merged, pooled)
