@@ -43,10 +43,16 @@ from pathlib import Path
 
 import torch
 from _common import load_results, protocol, save_results, tensor_bytes
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor
 
 from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
-from hf_ext.generation.nbce_hub.custom_generate.generate import NBCELogitsProcessor, nbce_batch, nbce_combine
+from hf_ext.generation.nbce_hub.custom_generate.generate import (
+    NBCELogitsProcessor,
+    _pool_local,
+    _top_p_mask_sorted,
+    nbce_batch,
+    nbce_combine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -357,8 +363,23 @@ def icl(data: dict, out: Path, model, tokenizer, args) -> None:
     save_results(out, data, summarize)
 
 
+class FullSortNBCE(LogitsProcessor):
+    """The NBCE step by a full sort of every row (the nucleus as its definition reads), greedy, entropy pooling:
+    the reference the fast processor's tokens are checked against."""
+
+    def __init__(self, beta: float = 0.25, eta: float = 0.1, top_p: float = 0.95) -> None:
+        self.beta, self.eta, self.top_p, self.previous = beta, eta, top_p, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = _top_p_mask_sorted(torch.log_softmax(scores.float(), dim=-1), self.top_p)
+        pooled, self.previous = _pool_local(logp[1:], "entropy", self.eta, self.previous)
+        merged = torch.where(torch.isfinite(logp[0]), (1 + self.beta) * pooled - self.beta * logp[0], pooled)
+        return torch.full_like(scores, -torch.inf).index_fill_(1, merged.argmax().view(1), 0.0)
+
+
 def speed(data: dict, out: Path, model, tokenizer, args) -> None:
-    """Decode time per token from the same prefilled cache: batched `generate` with and without the processor."""
+    """Decode time per token from the same prefilled cache: batched `generate` with and without the processor; the
+    processor's tokens checked against `FullSortNBCE`'s (not timed)."""
     articles = [f"{row['title']}\n{row['text']}" for row in load_bbc_news()]
     case = make_case(0, articles, tokenizer, args.context_tokens, 48)
     rows = {}
@@ -367,13 +388,14 @@ def speed(data: dict, out: Path, model, tokenizer, args) -> None:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         cache = prefill_all_but_last(model, batch)
         times: dict[str, list[float]] = {"plain": [], "nbce": []}
-        for repeat in range(args.speed_repetitions):
-            for name in ("plain", "nbce") if repeat % 2 == 0 else ("nbce", "plain"):
-                processors = [NBCELogitsProcessor(beta=0.25)] if name == "nbce" else []
+        tokens: dict[str, torch.Tensor] = {}
+        for repeat in range(-1, args.speed_repetitions):  # -1: the full-sort reference, once
+            for name in ("reference",) if repeat < 0 else ("plain", "nbce") if repeat % 2 == 0 else ("nbce", "plain"):
+                processors = {"nbce": [NBCELogitsProcessor(beta=0.25)], "reference": [FullSortNBCE()]}.get(name, [])
                 past = copy.deepcopy(cache)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    model.generate(
+                    tokens[name] = model.generate(
                         **batch,
                         past_key_values=past,
                         max_new_tokens=args.speed_tokens,
@@ -382,13 +404,15 @@ def speed(data: dict, out: Path, model, tokenizer, args) -> None:
                         pad_token_id=tokenizer.eos_token_id,
                         logits_processor=processors,
                     )
-                times[name].append((time.perf_counter() - start) / args.speed_tokens)
+                if name != "reference":
+                    times[name].append((time.perf_counter() - start) / args.speed_tokens)
         plain, nbce = statistics.median(times["plain"]), statistics.median(times["nbce"])
         rows[str(n)] = {
             "rows": n + 1,
             "plain_seconds_per_token": plain,
             "nbce_seconds_per_token": nbce,
             "ratio": nbce / plain,
+            "tokens_identical_to_full_sort": bool(torch.equal(tokens["nbce"], tokens["reference"])),
         }
         print(f"[speed] n={n}: {rows[str(n)]}", flush=True)
     data["speed"] = {"device": str(model.device), "new_tokens": args.speed_tokens, "rows": rows}
@@ -436,7 +460,10 @@ def summarize(data: dict) -> dict:
     if "icl" in data:
         summary["icl_accuracy"] = data["icl"]["accuracy"]
     if "speed" in data:
-        summary["per_token_time_ratio_nbce_over_plain"] = {n: r["ratio"] for n, r in data["speed"]["rows"].items()}
+        for n, row in data["speed"]["rows"].items():
+            summary[f"step_ratio_n{n}"] = row["ratio"]
+            if "tokens_identical_to_full_sort" in row:
+                summary[f"step_tokens_identical_n{n}"] = row["tokens_identical_to_full_sort"]
     return summary
 
 
