@@ -185,9 +185,13 @@ def train_child(spec: dict) -> dict:
             self.times: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._start)
 
     timer = StepTimer()
