@@ -82,6 +82,13 @@ CONFIG_KEYS = ("steps", "batch_size", "block_size", "eval_blocks", "rank", "upda
 # ----------------------------------------------------------------------------------------------- building
 
 
+def _clock() -> float:
+    """Seconds, after the GPU's queued work has finished (a CPU run needs no wait)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -185,14 +192,10 @@ def train_child(spec: dict) -> dict:
             self.times: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self._start = time.perf_counter()
+            self._start = _clock()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(_clock() - self._start)
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,24 +294,19 @@ def speed(config: dict) -> dict:
     step_times: dict[str, list[float]] = {m: [] for m in setups}
     optimizer_times: dict[str, list[float]] = {m: [] for m in setups}
 
-    def clock() -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     names, rounds = list(setups), 1 + 2 * config["update_interval"]
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             model, optimizer = setups[name]
-            start = clock()
+            start = _clock()
             with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            middle = clock()
+            middle = _clock()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            end = clock()
+            end = _clock()
             if round_index:  # the first round is warm-up
                 step_times[name].append(end - start)
                 optimizer_times[name].append(end - middle)

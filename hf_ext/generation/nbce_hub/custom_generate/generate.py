@@ -50,6 +50,15 @@ def _in_nucleus(values: Tensor, top_p: float) -> Tensor:
     return (probs.cumsum(dim=-1) - probs) < top_p
 
 
+def _widen(values: Tensor, index: Tensor, keep: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Candidates ``(values, index)`` with the values past the nucleus set to -inf, padded to ``width``: -inf values
+    at the row's last candidate's index (outside its nucleus, so a scatter there writes -inf over -inf)."""
+    values = values.masked_fill(~keep, -torch.inf)
+    extra = width - values.shape[-1]
+    values = torch.cat([values, values.new_full((values.shape[0], extra), -torch.inf)], dim=-1)
+    return values, torch.cat([index, index[:, -1:].expand(-1, extra)], dim=-1)
+
+
 def _nucleus_candidates(logp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """Each row's nucleus among its best tokens: ``(values, index)`` of shape ``(rows, width)``, best first, the
     values -inf past the row's nucleus (its index there repeats a token already outside it, so a scatter of the
@@ -72,18 +81,12 @@ def _nucleus_candidates(logp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
         done = ~more_keep[:, -1] if k < vocab else torch.ones_like(more_keep[:, -1])
         grown.append((pending[done], more_values[done], more_index[done], more_keep[done]))
         pending = pending[~done]
-    values = values.masked_fill(~keep, -torch.inf)
     if not grown:
-        return values, index
+        return values.masked_fill(~keep, -torch.inf), index
     width = grown[-1][1].shape[-1]
-    pad = width - values.shape[-1]  # the narrow rows: -inf values at their last (outside) candidate's index
-    values = torch.cat([values, values.new_full((values.shape[0], pad), -torch.inf)], dim=-1)
-    index = torch.cat([index, index[:, -1:].expand(-1, pad)], dim=-1)
+    values, index = _widen(values, index, keep, width)
     for rows, more_values, more_index, more_keep in grown:
-        more_values = more_values.masked_fill(~more_keep, -torch.inf)
-        extra = width - more_values.shape[-1]
-        more_values = torch.cat([more_values, more_values.new_full((rows.numel(), extra), -torch.inf)], dim=-1)
-        more_index = torch.cat([more_index, more_index[:, -1:].expand(-1, extra)], dim=-1)
+        more_values, more_index = _widen(more_values, more_index, more_keep, width)
         values, index = values.index_copy(0, rows, more_values), index.index_copy(0, rows, more_index)
     return values, index
 
@@ -228,7 +231,7 @@ def nbce_combine(
         values, index = _nucleus_candidates(logp, top_p)
         if pooling == "entropy" and shard_offset is None:  # only the prior and the chosen row over the vocabulary
             chosen = _lowest_entropy(_entropies(values[1:]), eta, previous)
-            rows = torch.cat([chosen.view(1).new_zeros(1), chosen.view(1)])
+            rows = torch.stack([torch.zeros_like(chosen), chosen])
             prior, pooled = _dense(values.index_select(0, rows), index.index_select(0, rows), vocab)
         else:
             entropy = _entropies(values[1:]) if pooling == "entropy" else None
