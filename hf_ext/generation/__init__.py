@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .nbce import (
+    NBCEContextCache,
     NBCELogitsProcessor,
     nbce_batch,
     nbce_combine,
@@ -13,6 +14,7 @@ from .nbce import (
 )
 
 __all__ = [
+    "NBCEContextCache",
     "NBCELogitsProcessor",
     "nbce_batch",
     "nbce_combine",

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hf_ext.generation.nbce_cache import NBCEContextCache
 from hf_ext.generation.nbce_hub.custom_generate.generate import (
     POOLINGS,
     FirstRowStreamer,
@@ -29,6 +30,7 @@ from hf_ext.generation.nbce_hub.custom_generate.generate import (
 
 __all__ = [
     "POOLINGS",
+    "NBCEContextCache",
     "NBCELogitsProcessor",
     "nbce_batch",
     "nbce_combine",
@@ -72,6 +74,7 @@ def nbce_generate(
     question_template: str = "{question}",
     return_processor: bool = False,
     shard_contexts: bool = False,
+    context_cache: NBCEContextCache | None = None,
     **generate_kwargs: Any,
 ) -> str | tuple[str, NBCELogitsProcessor]:
     """Answer ``question`` from ``contexts`` whose total length may exceed the model's window.
@@ -96,6 +99,10 @@ def nbce_generate(
             process passes the same ``contexts`` and keeps only its contiguous share (memory grows with the number
             of contexts, so each process holds 1 / world_size of the rows); all processes return the same answer,
             the one a single process would give.
+        context_cache (`NBCEContextCache`, *optional*): the contexts' KV states kept across calls: they are
+            prefilled when the cache does not hold these ``contexts`` yet (or holds others), and reused otherwise, so
+            a second question over the same contexts prefills only its own tokens. Its templates are used (pass the
+            same ``chat_template`` / ``prompt_template`` / ``question_template``, or leave them at their defaults).
         **generate_kwargs: passed to `generate` (``num_beams`` > 1 is refused).
 
     Returns:
@@ -119,11 +126,22 @@ def nbce_generate(
     window = getattr(model.config, "max_position_embeddings", None)
     if shard_contexts:
         contexts = _local_share(contexts)
-    batch = nbce_batch(
-        tokenizer, contexts, question, allow_no_context=shard_contexts, chat_template=chat_template,
-        prompt_template=prompt_template, question_template=question_template, max_context_tokens=window,
-    )  # fmt: skip
-    batch = {key: value.to(model.device) for key, value in batch.items()}
+    if context_cache is not None:
+        if context_cache.model is not model:
+            raise ValueError("`context_cache` was built for another model: build one with this model.")
+        templates = {"chat_template": chat_template, "prompt_template": prompt_template,
+                     "question_template": question_template}  # fmt: skip
+        if templates != context_cache.templates:
+            raise ValueError(f"`context_cache` was built with {context_cache.templates}, not {templates}: pass the "
+                             "cache's templates or build another cache.")  # fmt: skip
+        context_cache.read(contexts, allow_no_context=shard_contexts)
+        batch = context_cache.inputs(question)
+    else:
+        batch = nbce_batch(
+            tokenizer, contexts, question, allow_no_context=shard_contexts, chat_template=chat_template,
+            prompt_template=prompt_template, question_template=question_template, max_context_tokens=window,
+        )  # fmt: skip
+        batch = {key: value.to(model.device) for key, value in batch.items()}
     processor = NBCELogitsProcessor(
         beta=beta, pooling=pooling, eta=eta, top_p=top_p, temperature=temperature, do_sample=do_sample,
         generator=generator, shard_contexts=shard_contexts,

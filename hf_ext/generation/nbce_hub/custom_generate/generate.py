@@ -377,6 +377,23 @@ class NBCELogitsProcessor(LogitsProcessor):
         return torch.full_like(scores, -torch.inf).index_fill_(1, token.view(1), 0.0)
 
 
+def check_contexts(contexts: Sequence[str], *, allow_no_context: bool = False) -> None:
+    """Refuse what NBCE cannot read: not a list of strings, an empty context, a context given twice."""
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or (len(contexts) == 0 and not allow_no_context):
+        raise ValueError("`contexts` must be a non-empty list of strings.")
+    for index, context in enumerate(contexts):
+        if not isinstance(context, str) or not context.strip():
+            raise ValueError(f"`contexts[{index}]` is empty: every context must be a non-empty string.")
+    if len(set(contexts)) < len(contexts):
+        raise ValueError("`contexts` holds the same context twice: pass each context once.")
+
+
+def check_question(question: str) -> None:
+    """Refuse a question that is not a non-empty string."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("`question` must be a non-empty string.")
+
+
 def nbce_batch(
     tokenizer,
     contexts: Sequence[str],
@@ -395,15 +412,8 @@ def nbce_batch(
     ``allow_no_context`` admits an empty ``contexts`` (row 0 only: a process whose share of sharded contexts is
     empty).
     """
-    if isinstance(contexts, str) or not isinstance(contexts, Sequence) or (len(contexts) == 0 and not allow_no_context):
-        raise ValueError("`contexts` must be a non-empty list of strings.")
-    for index, context in enumerate(contexts):
-        if not isinstance(context, str) or not context.strip():
-            raise ValueError(f"`contexts[{index}]` is empty: every context must be a non-empty string.")
-    if len(set(contexts)) < len(contexts):
-        raise ValueError("`contexts` holds the same context twice: pass each context once.")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("`question` must be a non-empty string.")
+    check_contexts(contexts, allow_no_context=allow_no_context)
+    check_question(question)
     messages = [question_template.format(question=question)] + [
         prompt_template.format(context=context, question=question) for context in contexts
     ]
