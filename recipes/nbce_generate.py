@@ -8,6 +8,7 @@ Launch (embedded SmolLM2; without --contexts, a demo over BBC News articles):
     python recipes/nbce_generate.py --contexts my_docs/ --question "Who signed the agreement?"   # a folder of .txt
     python recipes/nbce_generate.py --contexts docs.jsonl --question "..." --pooling mean        # {"text": ...} lines
     python recipes/nbce_generate.py --model HuggingFaceTB/SmolLM2-1.7B-Instruct --contexts my_docs/ --question "..."
+    python recipes/nbce_generate.py --contexts my_docs/ --questions questions.txt   # many questions, contexts read once
 
 A context longer than the model's window is split into overlapping windows (``--window``, ``--overlap``).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer
 
 from hf_ext import load_bbc_news, smollm2_path
-from hf_ext.generation import nbce_generate, split_into_windows
+from hf_ext.generation import NBCEContextCache, nbce_generate, split_into_windows
 
 DEMO_QUESTION = "Which company's profits are these articles about, and how much did they rise?"
 
@@ -33,7 +34,14 @@ class NBCERecipeArguments:
         default=None,
         metadata={"help": "A folder of .txt files or a JSONL file ({'text': ...} per line). Default: BBC demo."},
     )
-    question: str | None = field(default=None, metadata={"help": "The question (required with --contexts)."})
+    question: str | None = field(
+        default=None, metadata={"help": "The question (with --contexts: this or --questions)."}
+    )
+    questions: str | None = field(
+        default=None,
+        metadata={"help": "A text file with one question per line, all answered over the same contexts: they are "
+                  "prefilled once and kept (NBCEContextCache), each question prefills only its own tokens."},
+    )  # fmt: skip
     beta: float = field(default=0.25, metadata={"help": "NBCE beta (> -1)."})
     pooling: str = field(default="entropy", metadata={"help": "entropy, mean or max."})
     max_new_tokens: int = field(default=64, metadata={"help": "Answer length limit."})
@@ -44,8 +52,8 @@ class NBCERecipeArguments:
     num_demo_contexts: int = field(default=6, metadata={"help": "Demo: number of BBC articles used as contexts."})
 
     def __post_init__(self) -> None:
-        if self.contexts is not None and not self.question:
-            raise ValueError("`question` is required with `contexts`.")
+        if self.contexts is not None and not (self.question or self.questions):
+            raise ValueError("`question` (or `questions`) is required with `contexts`.")
         if self.num_demo_contexts < 1:
             raise ValueError(f"`num_demo_contexts` must be >= 1, got {self.num_demo_contexts}.")
 
@@ -64,25 +72,45 @@ def read_contexts(source: str) -> list[str]:
     return texts
 
 
-def main(args: NBCERecipeArguments) -> str:
+def read_questions(source: str) -> list[str]:
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"`questions` must be a text file with one question per line, got {source!r}.")
+    questions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not questions:
+        raise ValueError(f"`questions` {source!r} holds no question.")
+    return questions
+
+
+def main(args: NBCERecipeArguments) -> str | list[str]:
+    """The answer (a list of answers with ``--questions``), each streamed as it is generated."""
     path = args.model or str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     if args.contexts is None:
         bbc = load_bbc_news()
-        demo = [f"{bbc[i]['title']}\n{bbc[i]['text'][:1200]}" for i in range(args.num_demo_contexts)]
-        contexts, question = demo, args.question or DEMO_QUESTION
+        contexts = [f"{bbc[i]['title']}\n{bbc[i]['text'][:1200]}" for i in range(args.num_demo_contexts)]
     else:
-        contexts, question = read_contexts(args.contexts), args.question
+        contexts = read_contexts(args.contexts)
+    questions = ([args.question] if args.question else []) + (read_questions(args.questions) if args.questions else [])
+    questions = questions or [DEMO_QUESTION]
     window = args.window or (model.config.max_position_embeddings - args.max_new_tokens - 64)
     pieces = [piece for text in contexts for piece in split_into_windows(text, tokenizer, window, args.overlap)]
     pieces = list(dict.fromkeys(pieces))  # a repetitive document can give identical windows: one row each is enough
-    print(f"{len(contexts)} context(s) -> {len(pieces)} row(s) of at most {window} tokens; question: {question}\n")
+    print(f"{len(contexts)} context(s) -> {len(pieces)} row(s) of at most {window} tokens; "
+          f"question{'s' if len(questions) > 1 else ''}: {' | '.join(questions)}\n")  # fmt: skip
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return nbce_generate(
-        model, tokenizer, pieces, question, beta=args.beta, pooling=args.pooling,
-        max_new_tokens=args.max_new_tokens, streamer=streamer,
-    )  # fmt: skip
+    cache = NBCEContextCache(model, tokenizer) if len(questions) > 1 else None
+    settings = {"beta": args.beta, "pooling": args.pooling, "max_new_tokens": args.max_new_tokens}
+    answers = [
+        nbce_generate(model, tokenizer, pieces, question, streamer=streamer, context_cache=cache, **settings)
+        for question in questions
+    ]
+    if cache is None:
+        return answers[0]
+    print(f"\ncontexts read {cache.reads} time(s) for {len(questions)} questions; kept KV cache "
+          f"{cache.nbytes / 2**20:.1f} MiB")  # fmt: skip
+    return answers
 
 
 if __name__ == "__main__":

@@ -387,6 +387,30 @@ def test_nbce_recipe_streams_the_answer_from_a_folder_of_contexts(tiny_llama_dir
     assert streamed.strip() == answer.strip()  # what was streamed is the answer
 
 
+def test_nbce_recipe_answers_many_questions_reading_the_contexts_once(tiny_llama_dir: Path, tmp_path: Path,
+                                                                      capsys) -> None:  # fmt: skip
+    sys.path.insert(0, str(NBCE_RECIPE.parent))
+    import nbce_generate
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_ext.generation import nbce_generate as generate
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("The museum in Leeds opened a new wing for Roman coins.")
+    (folder / "b.txt").write_text("Maria's favourite colour is teal.")
+    questions = ["What is Maria's favourite colour?", "What did the museum open?"]
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n\n")
+    args = nbce_generate.NBCERecipeArguments(model=str(tiny_llama_dir), contexts=str(folder),
+                                             questions=str(tmp_path / "questions.txt"), max_new_tokens=8)  # fmt: skip
+    answers = nbce_generate.main(args)
+    assert "contexts read 1 time(s) for 2 questions" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    contexts = nbce_generate.read_contexts(str(folder))
+    assert answers == [generate(model, tokenizer, contexts, q, max_new_tokens=8) for q in questions]
+
+
 @pytest.mark.slow
 def test_nbce_recipe_demo_runs_on_the_embedded_smollm2() -> None:
     sys.path.insert(0, str(NBCE_RECIPE.parent))
@@ -400,8 +424,10 @@ def test_nbce_recipe_rejects_bad_arguments(tmp_path: Path) -> None:
     sys.path.insert(0, str(NBCE_RECIPE.parent))
     import nbce_generate
 
-    with pytest.raises(ValueError, match="`question` is required with `contexts`"):
+    with pytest.raises(ValueError, match=r"`question` \(or `questions`\) is required with `contexts`"):
         nbce_generate.NBCERecipeArguments(contexts="docs/")
+    with pytest.raises(ValueError, match="`questions` must be a text file"):
+        nbce_generate.read_questions(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match=r"`contexts` must be a folder of \.txt files or a \.jsonl file"):
         nbce_generate.read_contexts(str(tmp_path / "missing.csv"))
 
