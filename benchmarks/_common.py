@@ -212,7 +212,8 @@ def load_results(path: Path, new_protocol: dict) -> dict:
 
 
 def _machine_key(info: Mapping[str, Any]) -> tuple:
-    return tuple(info.get(k) for k in ("cpu_model", "device_name", "threads", "torch"))
+    keys = ("cpu_model", "cpu_has_amx", "cpu_has_avx512_bf16", "cpu_capability", "device_name", "threads", "torch")
+    return tuple(info.get(k) for k in keys)
 
 
 def _json_default(value: Any) -> Any:

@@ -205,7 +205,7 @@ def nbce_rows(n: int, shapes: dict, vocab: int, seed: int) -> dict[str, torch.Te
 def part_nbce(shapes: dict, device: str, deadline: float | None) -> dict:
     """Per-token decode time of batched `generate` with `NBCELogitsProcessor` vs without it, n = 4 / 16 / 48, from
     the same prefilled KV cache (as `benchmarks/nbce_longcontext.py`'s speed part); and two token identities."""
-    from nbce_longcontext import prefill_all_but_last
+    from _nbce_common import prefill_all_but_last
 
     from hf_ext.generation import NBCELogitsProcessor
 

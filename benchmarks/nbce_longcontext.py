@@ -22,6 +22,15 @@ Parts (results go to benchmarks/results/nbce_longcontext.json after every case; 
   label log-probabilities of the five topic words; the windows' KV caches are computed once.
 - ``speed``: per generated token, `generate` with the NBCE processor vs the same batched `generate` without it
   (the processor's overhead), n = 4 / 16 / 48.
+- ``tasks``: the harder tasks of `_nbce_tasks` (multi-key, multi-value, multi-query, one long document), ``--task_n``
+  contexts each: ``--task_dev_cases`` dev cases choose each pooling's beta (entropy, max, mean, and divergence from
+  the context-free row, `DivergenceNBCE`) from a ladder extended while the best sits at an end; then
+  ``--task_cases`` test cases, once each: the oracle (the evidence contexts alone, concatenated), truncation (all
+  contexts concatenated, cut to the window) and every pooling at its dev-chosen beta. KV bytes from the tensors
+  (NBCE: every row's prefill; truncation: its cache at the end).
+- ``cache``: contexts read once (`NBCEContextCache`): the time to the first token of a second question over the same
+  48 contexts with the contexts' cache vs without it (interleaved, median), the cache's bytes (from its tensors),
+  and both questions' answers with the cache against those without.
 
 Memory is counted from the tensors: the bytes of each method's KV cache at the end of generation (`tensor_bytes` of
 the cache `generate` returns; NBCE's holds every row).
@@ -42,10 +51,13 @@ import time
 from pathlib import Path
 
 import torch
-from _common import load_results, protocol, save_results, tensor_bytes
+from _common import load_results, machine, protocol, save_results, tensor_bytes
+from _nbce_common import answer_correct, chat_ids, cut, plain_generate, prefill_all_but_last, truncated_prompt
+from _nbce_tasks import run_tasks, summarize_tasks
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor
 
 from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
+from hf_ext.generation import NBCEContextCache, nbce_generate
 from hf_ext.generation.nbce_hub.custom_generate.generate import (
     NBCELogitsProcessor,
     _pool_local,
@@ -88,27 +100,17 @@ NAMES = [
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def answer_correct(answer: str, number: str) -> bool:
-    """Whether ``answer`` holds ``number`` as a whole token (not inside a longer number or word)."""
-    return re.search(rf"(?<![0-9A-Za-z]){re.escape(number)}(?![0-9A-Za-z])", answer) is not None
-
-
-def _cut(tokenizer, text: str, tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    return tokenizer.decode(ids)
-
-
 def make_case(index: int, articles: list[str], tokenizer, context_tokens: int, max_n: int) -> dict:
     """Case ``index``: the fact's article (with the fact inserted), ``max_n - 1`` distractors, the fact's position."""
     rng = random.Random(1000 + index)
     picked = rng.sample(range(len(articles)), max_n)
     name, number = rng.choice(NAMES), str(rng.randint(1000, 9999))
     fact = f"{name}'s secret number is {number}."
-    target = _cut(tokenizer, articles[picked[0]], context_tokens - len(tokenizer(fact)["input_ids"]) - 1)
+    target = cut(tokenizer, articles[picked[0]], context_tokens - len(tokenizer(fact)["input_ids"]) - 1)
     boundaries = [0] + [m.end() for m in re.finditer(r"[.!?]\s+", target)]
     at = rng.choice(boundaries)
     target = f"{target[:at]}{fact} {target[at:]}"
-    distractors = [_cut(tokenizer, articles[i], context_tokens) for i in picked[1:]]
+    distractors = [cut(tokenizer, articles[i], context_tokens) for i in picked[1:]]
     return {
         "target": target,
         "distractors": distractors,
@@ -122,65 +124,6 @@ def contexts_for(case: dict, n: int) -> list[str]:
     contexts = case["distractors"][: n - 1]
     contexts.insert(case["positions"][str(n)], case["target"])
     return contexts
-
-
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-    )
-
-
-def _plain_generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, float, int]:
-    """Greedy answer, seconds, and the bytes of the KV cache at the end (counted from its tensors)."""
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids], device=model.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-        )
-    seconds = time.perf_counter() - start
-    answer = tokenizer.decode(out.sequences[0, len(ids) :], skip_special_tokens=True)
-    return answer, seconds, tensor_bytes(out.past_key_values)
-
-
-def truncated_prompt(tokenizer, contexts: list[str], question: str, budget: int) -> tuple[list[int], bool]:
-    """The chat prompt of the concatenated contexts, cut (from the end) to ``budget`` tokens in all."""
-    joined = "\n\n".join(contexts)
-    ids = _chat_ids(tokenizer, f"{joined}\n\n{question}")
-    if len(ids) <= budget:
-        return ids, True
-    context_ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
-    keep = len(context_ids) - (len(ids) - budget)
-    while True:
-        ids = _chat_ids(tokenizer, f"{tokenizer.decode(context_ids[:keep])}\n\n{question}")
-        if len(ids) <= budget:
-            return ids, False
-        keep -= len(ids) - budget
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def prefill_all_but_last(model, batch: dict) -> DynamicCache:
-    """The KV cache of every token but the last of a left-padded batch; `generate` continues from a copy of it."""
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(
-            input_ids=batch["input_ids"][:, :-1],
-            attention_mask=batch["attention_mask"][:, :-1],
-            position_ids=_positions(batch["attention_mask"][:, :-1]),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    return cache
 
 
 def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_new_tokens: int) -> dict:
@@ -240,8 +183,8 @@ def needle(data: dict, out: Path, model, tokenizer, args) -> None:
             continue
         case = make_case(index, articles, tokenizer, args.context_tokens, max(48, *args.ns))
         if "oracle" not in record:
-            ids = _chat_ids(tokenizer, f"{case['target']}\n\n{case['question']}")
-            answer, seconds, kv_bytes = _plain_generate(model, tokenizer, ids, args.max_new_tokens)
+            ids = chat_ids(tokenizer, f"{case['target']}\n\n{case['question']}")
+            answer, seconds, kv_bytes = plain_generate(model, tokenizer, ids, args.max_new_tokens)
             record["oracle"] = {
                 "answer": answer,
                 "correct": answer_correct(answer, case["answer"]),
@@ -256,7 +199,7 @@ def needle(data: dict, out: Path, model, tokenizer, args) -> None:
             for pooling in POOLINGS:
                 result[pooling]["correct"] = answer_correct(result[pooling]["answer"], case["answer"])
             ids, fits = truncated_prompt(tokenizer, contexts, case["question"], budget)
-            answer, seconds, kv_bytes = _plain_generate(model, tokenizer, ids, args.max_new_tokens)
+            answer, seconds, kv_bytes = plain_generate(model, tokenizer, ids, args.max_new_tokens)
             result["truncation"] = {
                 "answer": answer,
                 "correct": answer_correct(answer, case["answer"]),
@@ -419,6 +362,46 @@ def speed(data: dict, out: Path, model, tokenizer, args) -> None:
     save_results(out, data, summarize)
 
 
+def cache_ttft(data: dict, out: Path, model, tokenizer, args) -> None:
+    """Time to the first token of a second question over one 48-context set, with the contexts' cache and without."""
+    articles = [f"{row['title']}\n{row['text']}" for row in load_bbc_news()]
+    case = make_case(0, articles, tokenizer, args.context_tokens, 48)
+    contexts = contexts_for(case, 48)
+    questions = [case["question"], make_case(1, articles, tokenizer, args.context_tokens, 48)["question"]]
+    cache = NBCEContextCache(model, tokenizer)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache.read(contexts)
+    read_seconds = time.perf_counter() - start
+
+    def answer(question: str, cached: bool, max_new_tokens: int) -> str:
+        with torch.inference_mode():
+            return nbce_generate(model, tokenizer, contexts, question, max_new_tokens=max_new_tokens,
+                                 context_cache=cache if cached else None)  # fmt: skip
+
+    answers = {
+        name: [answer(q, name == "cache", args.max_new_tokens) for q in questions] for name in ("cache", "plain")
+    }
+    times: dict[str, list[float]] = {"cache": [], "plain": []}
+    for repeat in range(args.speed_repetitions):
+        for name in ("cache", "plain") if repeat % 2 == 0 else ("plain", "cache"):
+            start = time.perf_counter()
+            answer(questions[1], name == "cache", 1)
+            times[name].append(time.perf_counter() - start)
+    cached, plain = statistics.median(times["cache"]), statistics.median(times["plain"])
+    data["cache"] = {
+        "contexts": len(contexts), "rows": len(contexts) + 1, "questions": questions, "answers": answers,
+        "answers_identical": answers["cache"] == answers["plain"], "reads": cache.reads,
+        "read_seconds": read_seconds, "ttft_seconds_cache": cached, "ttft_seconds_plain": plain,
+        "ttft_ratio": cached / plain, "cache_bytes": cache.nbytes, "cache_positions": cache.num_tokens,
+        "repetitions": args.speed_repetitions, "device": str(model.device), "machine": machine(model.device),
+    }  # fmt: skip
+    same = data["cache"]["answers_identical"]
+    print(f"[cache] ttft {cached:.3f} s with the cache vs {plain:.3f} s without ({cached / plain:.3f}x), "
+          f"{cache.nbytes / 2**20:.0f} MiB, answers identical: {same}", flush=True)  # fmt: skip
+    save_results(out, data, summarize)
+
+
 # ----------------------------------------------------------------------------------------------- summary
 
 
@@ -464,6 +447,15 @@ def summarize(data: dict) -> dict:
             summary[f"step_ratio_n{n}"] = row["ratio"]
             if "tokens_identical_to_full_sort" in row:
                 summary[f"step_tokens_identical_n{n}"] = row["tokens_identical_to_full_sort"]
+    summary.update(summarize_tasks(data))
+    if "cache" in data:
+        cache = data["cache"]
+        summary["cache_ttft_ratio_n48"] = cache["ttft_ratio"]
+        summary["cache_ttft_seconds_n48"] = cache["ttft_seconds_cache"]
+        summary["nocache_ttft_seconds_n48"] = cache["ttft_seconds_plain"]
+        summary["cache_read_seconds_n48"] = cache["read_seconds"]
+        summary["cache_bytes_n48"] = cache["cache_bytes"]
+        summary["cache_answers_identical_n48"] = cache["answers_identical"]
     return summary
 
 
@@ -523,7 +515,8 @@ def table(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["needle", "icl", "speed"], choices=["needle", "icl", "speed"])
+    parts = ["needle", "icl", "speed", "cache", "tasks"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--model", default=None, help="causal LM id or folder (default: the embedded SmolLM2)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--ns", nargs="+", type=int, default=[4, 16, 48], choices=[4, 16, 48])
@@ -535,6 +528,10 @@ def main() -> None:
     parser.add_argument("--icl_cases", type=int, default=200)
     parser.add_argument("--speed_tokens", type=int, default=16)
     parser.add_argument("--speed_repetitions", type=int, default=4)
+    parser.add_argument("--task_n", type=int, default=16, help="contexts per case in the harder tasks")
+    parser.add_argument("--task_cases", type=int, default=100, help="test cases per harder task")
+    parser.add_argument("--task_dev_cases", type=int, default=20, help="dev cases per harder task")
+    parser.add_argument("--task_new_tokens", type=int, default=40, help="answer length limit in the harder tasks")
     parser.add_argument("--output", type=Path, default=RESULTS / "nbce_longcontext.json")
     parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
     parser.add_argument("--rescore", action="store_true", help="re-apply `answer_correct` to the stored answers")
@@ -544,8 +541,10 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = load_results(args.output, protocol(
-        selection_split="none: the method author's settings (beta 0.25, entropy pooling, top-p 0.95, stickiness 0.1), "
-        "nothing chosen on these cases", test_split=f"{args.cases} seeded needle cases (seeds 1000 + i), BBC titles",
+        selection_split="needle, icl, speed, cache: none (the method author's settings: beta 0.25, entropy pooling, "
+        "top-p 0.95, stickiness 0.1); tasks: each task's dev cases (seeds 500000 + 1000 * task + i) choose each "
+        "pooling's beta (tasks.<task>.chosen)", test_split=f"needle: {args.cases} seeded cases (seeds 1000 + i); "
+        "tasks: test cases (seeds 600000 + 1000 * task + i), each run once at the dev-chosen betas",
         chosen={}, seeds=[0], device=device, cases=args.cases,
     ))  # fmt: skip
     path = args.model or str(smollm2_path())
@@ -562,6 +561,10 @@ def main() -> None:
         icl(data, args.output, model, tokenizer, args)
     if "speed" in args.parts:
         speed(data, args.output, model, tokenizer, args)
+    if "cache" in args.parts:
+        cache_ttft(data, args.output, model, tokenizer, args)
+    if "tasks" in args.parts:
+        run_tasks(data, args.output, model, tokenizer, args, summarize)
     save_results(args.output, data, summarize)
     plot(data, args.output.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
