@@ -36,6 +36,7 @@ Memory is counted from the tensors: the bytes of each method's KV cache at the e
 the cache `generate` returns; NBCE's holds every row).
 
     python benchmarks/nbce_longcontext.py --rescore   # re-apply the answer matching to the stored answers
+    python benchmarks/nbce_longcontext.py --rescore_from benchmarks/results/pre_protocol/nbce_longcontext.json
 """
 
 from __future__ import annotations
@@ -528,13 +529,16 @@ def main() -> None:
     parser.add_argument("--icl_cases", type=int, default=200)
     parser.add_argument("--speed_tokens", type=int, default=16)
     parser.add_argument("--speed_repetitions", type=int, default=4)
-    parser.add_argument("--task_n", type=int, default=16, help="contexts per case in the harder tasks")
+    parser.add_argument("--task_n", type=int, default=8, help="contexts per case in the harder tasks")
     parser.add_argument("--task_cases", type=int, default=100, help="test cases per harder task")
-    parser.add_argument("--task_dev_cases", type=int, default=20, help="dev cases per harder task")
-    parser.add_argument("--task_new_tokens", type=int, default=40, help="answer length limit in the harder tasks")
+    parser.add_argument("--task_dev_cases", type=int, default=12, help="dev cases per harder task")
+    parser.add_argument("--task_new_tokens", type=int, default=32, help="answer length limit in the harder tasks")
     parser.add_argument("--output", type=Path, default=RESULTS / "nbce_longcontext.json")
     parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
     parser.add_argument("--rescore", action="store_true", help="re-apply `answer_correct` to the stored answers")
+    parser.add_argument("--rescore_from", type=Path, default=None,
+                        help="take the needle answers of another results file (e.g. the pre-protocol run), re-score "
+                        "them with `answer_correct` into --output, and exit")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.output.read_text())))
@@ -549,6 +553,16 @@ def main() -> None:
     ))  # fmt: skip
     path = args.model or str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if args.rescore_from is not None:
+        source = json.loads(args.rescore_from.read_text())
+        if "needle_cases" in data:
+            raise SystemExit(f"{args.output} holds needle cases of its own: rescore them with --rescore.")
+        data["needle_cases"], data["needle_config"] = source["needle_cases"], source["needle_config"]
+        data["needle_source"] = {"file": str(args.rescore_from.resolve().relative_to(ROOT)),
+                                 "machine": source["protocol"]["machine"],
+                                 "note": "answers, timings and KV bytes are that run's (its machine, its dtype); only "
+                                 "the verdicts are recomputed here"}  # fmt: skip
+        args.rescore = True
     if args.rescore:
         rescore(data, tokenizer, args.context_tokens)
         save_results(args.output, data, summarize)
