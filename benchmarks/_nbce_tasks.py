@@ -224,6 +224,10 @@ def run_tasks(data: dict, out: Path, model, tokenizer, args, summarize: Callable
 
     for task in TASKS:  # dev: every pooling's beta ladder, until each choice stands
         record = store.setdefault(task, {"dev": {}, "test": {}, "chosen": {}})
+        if record["test"] and args.task_dev_cases > len(record["dev"]):
+            raise SystemExit(f"{task} has test cases run at the betas of {len(record['dev'])} dev cases: more dev "
+                             "cases now could change the choice under them; keep --task_dev_cases or use "
+                             "--output.")  # fmt: skip
         for index in range(args.task_dev_cases):
             record["dev"].setdefault(str(index), {})
         while True:
