@@ -58,6 +58,22 @@ def _numbers(rng: random.Random, count: int) -> list[str]:
     return [str(n) for n in rng.sample(range(1000, 10000), count)]
 
 
+def _fresh(numbers: list[str], texts: list[str]) -> list[str]:
+    """``numbers`` with each one the texts already hold (a year in an article, say) replaced by one they do not: the
+    replacement comes from its own generator, so a case without such a clash is drawn exactly as before."""
+
+    def held(number: str) -> bool:
+        return any(re.search(rf"(?<![0-9]){number}(?![0-9])", text) for text in texts)
+
+    rng = random.Random("fresh:" + ",".join(numbers))
+    out: list[str] = []
+    for number in numbers:
+        while held(number) or number in out:
+            number = str(rng.randrange(1000, 10000))
+        out.append(number)
+    return out
+
+
 def make_task_case(task: str, split: str, index: int, articles: list[str], tokenizer, context_tokens: int,
                    n: int) -> dict:  # fmt: skip
     """One case: ``contexts`` (n), ``question``, ``answers`` (the numbers asked) and ``evidence`` (the indices of the
@@ -71,17 +87,17 @@ def make_task_case(task: str, split: str, index: int, articles: list[str], token
     picked = rng.sample(range(len(articles)), n)
     contexts = [cut(tokenizer, articles[i], context_tokens) for i in picked]
     if task == "multikey":
-        names, numbers = rng.sample(NAMES, 4), _numbers(rng, 4)
+        names, numbers = rng.sample(NAMES, 4), _fresh(_numbers(rng, 4), contexts)
         facts = [f"{name}'s secret number is {number}." for name, number in zip(names, numbers, strict=True)]
         asked = rng.randrange(4)
         question, answers = f"What is {names[asked]}'s secret number?", [numbers[asked]]
     elif task == "multivalue":
         name, count = rng.choice(NAMES), rng.choice([2, 3, 4])
-        answers = _numbers(rng, count)
+        answers = _fresh(_numbers(rng, count), contexts)
         facts = [f"One of {name}'s secret numbers is {number}." for number in answers]
         question, asked = f"What are all of {name}'s secret numbers?", None
     else:
-        names, answers = rng.sample(NAMES, 2), _numbers(rng, 2)
+        names, answers = rng.sample(NAMES, 2), _fresh(_numbers(rng, 2), contexts)
         facts = [f"{name}'s secret number is {number}." for name, number in zip(names, answers, strict=True)]
         question, asked = f"What are the secret numbers of {names[0]} and {names[1]}?", None
     where = rng.sample(range(n), len(facts))
@@ -95,7 +111,6 @@ def make_task_case(task: str, split: str, index: int, articles: list[str], token
 def _longdoc(rng: random.Random, articles: list[str], tokenizer, context_tokens: int, n: int) -> dict:
     """Articles one after another until the document fills ``n`` windows, a fact at a sentence boundary."""
     name, number = rng.choice(NAMES), _numbers(rng, 1)[0]
-    fact = f"{name}'s secret number is {number}."
     step = context_tokens - LONGDOC_OVERLAP
     need = step * (n - 1) + context_tokens
     parts, length = [], 0
@@ -104,7 +119,10 @@ def _longdoc(rng: random.Random, articles: list[str], tokenizer, context_tokens:
         length += len(tokenizer(articles[i], add_special_tokens=False)["input_ids"])
         if length >= need + 64:
             break
-    document = _insert(rng, "\n\n".join(parts), fact)
+    document = "\n\n".join(parts)
+    number = _fresh([number], [document])[0]
+    fact = f"{name}'s secret number is {number}."
+    document = _insert(rng, document, fact)
     windows = split_into_windows(document, tokenizer, window=context_tokens, overlap=LONGDOC_OVERLAP)[:n]
     holding = [k for k, window in enumerate(windows) if fact in window]
     if not holding:  # the fact was past the n windows: a new draw of the position, from the same seed stream
