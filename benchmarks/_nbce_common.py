@@ -3,6 +3,7 @@ KV bytes, truncation to the window, and the shared prefill the NBCE settings con
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 
@@ -86,3 +87,12 @@ def prefill_all_but_last(model, batch: dict) -> DynamicCache:
             logits_to_keep=1,
         )
     return cache
+
+
+def continue_from(model, tokenizer, batch: dict, cache: DynamicCache, processor, max_new_tokens: int):
+    """Greedy `generate` of the NBCE batch with ``processor``, from a copy of its shared prefill (`generate`'s output
+    with ``sequences`` and the final ``past_key_values``)."""
+    with torch.inference_mode():
+        return model.generate(**batch, past_key_values=copy.deepcopy(cache), logits_processor=[processor],
+                              do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                              return_dict_in_generate=True)  # fmt: skip

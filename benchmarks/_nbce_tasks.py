@@ -16,7 +16,6 @@ of the asked numbers it holds. Dev cases (seeds from
 
 from __future__ import annotations
 
-import copy
 import random
 import re
 import statistics
@@ -30,6 +29,7 @@ from _nbce_common import (
     answer_correct,
     answers_correct,
     chat_ids,
+    continue_from,
     cut,
     plain_generate,
     prefill_all_but_last,
@@ -187,17 +187,9 @@ def nbce_settings(model, tokenizer, contexts: list[str], question: str, settings
         processor = (
             DivergenceNBCE(beta=beta) if pooling == "divergence" else NBCELogitsProcessor(beta=beta, pooling=pooling)
         )
-        with torch.inference_mode():
-            out = model.generate(
-                **batch,
-                past_key_values=copy.deepcopy(cache),
-                logits_processor=[processor],
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.eos_token_id,
-            )
+        out = continue_from(model, tokenizer, batch, cache, processor, max_new_tokens)
         answers[_setting(pooling, beta)] = tokenizer.decode(
-            out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            out.sequences[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
         )
     return answers, tensor_bytes(cache)
 

@@ -53,7 +53,15 @@ from pathlib import Path
 
 import torch
 from _common import load_results, machine, protocol, save_results, tensor_bytes
-from _nbce_common import answer_correct, chat_ids, cut, plain_generate, prefill_all_but_last, truncated_prompt
+from _nbce_common import (
+    answer_correct,
+    chat_ids,
+    continue_from,
+    cut,
+    plain_generate,
+    prefill_all_but_last,
+    truncated_prompt,
+)
 from _nbce_tasks import run_tasks, summarize_tasks
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor
 
@@ -137,16 +145,7 @@ def nbce_all_poolings(model, tokenizer, contexts: list[str], question: str, max_
     for pooling in POOLINGS:
         processor = NBCELogitsProcessor(beta=0.25, pooling=pooling)
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                **batch,
-                past_key_values=copy.deepcopy(cache),
-                logits_processor=[processor],
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.eos_token_id,
-                return_dict_in_generate=True,
-            )
+        out = continue_from(model, tokenizer, batch, cache, processor, max_new_tokens)
         new = out.sequences[0, batch["input_ids"].shape[1] :]
         results[pooling] = {
             "answer": tokenizer.decode(new, skip_special_tokens=True),
