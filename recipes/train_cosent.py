@@ -29,6 +29,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from _model_card import MINILM_HUB_ID, base_model_text
 from sentence_transformers import (
     CrossEncoder,
     CrossEncoderTrainer,
@@ -48,8 +49,6 @@ from hf_ext.data import bucket_sentence_transformer, default_buckets
 from hf_ext.trainers import compile_enabled
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "cosent.md"
-# The Hub id of the embedded default (recorded as the card's base model: the local folder cannot say it).
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BI_LOSSES = ("cosent", "cached_cosent", "st_cosent", "st_angle", "st_cosine")
 CROSS_LOSSES = ("cosent", "st_bce", "st_mse")
 # The bi-encoder's training defaults: the choice of benchmarks/cosent_sts.py's bi_sweep on STS-B dev (seed 0), a
@@ -211,17 +210,19 @@ def kept_dev_spearman(args: CoSENTRecipeArguments, trainer, dev_curve: list[dict
 
 def render_card(args: CoSENTRecipeArguments, training_args, loss, results: dict, output_dir: Path) -> Path:
     """Put the recipe's summary (from `model_cards/cosent.md`) on top of sentence-transformers' own card, whose
-    Metrics section holds the dev and test figures after training (each once)."""
+    Metrics section and model-index hold the dev and test metrics after training, each once: the summary gives the
+    test Spearman before training and the change, not the numbers listed there again."""
     before, after = results["test_spearman_before"], results["test_spearman"]
+    listed = "the metrics after training, dev and test, are in Metrics below"
     if after is None:
-        test_line = "not evaluated (`--evaluate_test false`)"
+        test_line = "not evaluated (`--evaluate_test false`); the dev metrics after training are in Metrics below"
     elif before is None:
-        test_line = f"{after:.4f} after training (not evaluated before)"
+        test_line = f"not evaluated before training ({listed})"
     else:
-        test_line = f"{before:.4f} before training, {after:.4f} after ({after - before:+.4f})"
+        test_line = f"{before:.4f} before training, {after - before:+.4f} from training ({listed})"
     card = string.Template(CARD_TEMPLATE.read_text()).substitute(
         model_type={"bi": "bi-encoder (SentenceTransformer)", "cross": "cross-encoder (CrossEncoder)"}[args.model_type],
-        base_model=args.model_name_or_path or f"{MINILM_HUB_ID} (embedded offline copy)",
+        base_model=base_model_text(args.model_name_or_path, MINILM_HUB_ID),
         dataset=args.dataset_name or "STS Benchmark (embedded offline copy)",
         loss=type(loss).__name__,
         loss_config=json.dumps(loss.get_config_dict(), default=str),

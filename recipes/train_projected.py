@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _model_card import MINILM_HUB_ID, SMOLLM2_HUB_ID, base_model_id, base_model_text, transformers_card_metadata
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -101,6 +102,28 @@ def accuracy(model, data, collator, batch_size: int = 32) -> float:
     return correct / len(data)
 
 
+def render_card(args: ProjectedRecipeArguments, results: dict, output_dir: Path) -> None:
+    """`model_cards/projected.md` with the Hub metadata on top: the base model (the embedded default's Hub id, or the
+    id given) and each test metric once, in the model-index and in the text's table."""
+    metrics = results["test"]
+    embedded = SMOLLM2_HUB_ID if args.task == "causal_lm" else MINILM_HUB_ID
+    metadata = transformers_card_metadata(
+        base_model=base_model_id(args.model_name_or_path, embedded), model_name=output_dir.name, task=args.task,
+        tags=["projected-adamw" if args.optimizer == "projected" else "adamw"],
+        dataset_name="BBC News (embedded offline copy)", metrics=metrics,
+    )  # fmt: skip
+    card = string.Template(CARD_TEMPLATE.read_text()).substitute(
+        metadata=metadata, task=args.task, base_model=base_model_text(args.model_name_or_path, embedded),
+        target_modules=args.target_modules if args.optimizer == "projected" else "no (plain AdamW)",
+        rank=args.rank, projection=args.projection, update_interval=args.update_interval,
+        scale=args.projection_scale, state_mib=f"{results['optimizer_state_bytes'] / 2**20:.1f}",
+        adamw_state_mib=f"{results['adamw_state_bytes_estimate'] / 2**20:.1f}",
+        metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()),
+        command=results["command"],
+    )  # fmt: skip
+    (output_dir / "README.md").write_text(card)
+
+
 def main(args: ProjectedRecipeArguments, training_args: TrainingArguments) -> dict:
     set_seed(training_args.seed)
     model, tokenizer = build_model(args)
@@ -157,18 +180,7 @@ def main(args: ProjectedRecipeArguments, training_args: TrainingArguments) -> di
         output_dir = Path(training_args.output_dir)
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
-        card = string.Template(CARD_TEMPLATE.read_text()).substitute(
-            task=args.task,
-            base_model=args.model_name_or_path
-            or ("SmolLM2-135M-Instruct" if args.task == "causal_lm" else "all-MiniLM-L6-v2"),
-            target_modules=args.target_modules if args.optimizer == "projected" else "no (plain AdamW)",
-            rank=args.rank, projection=args.projection, update_interval=args.update_interval,
-            scale=args.projection_scale, state_mib=f"{results['optimizer_state_bytes'] / 2**20:.1f}",
-            adamw_state_mib=f"{adamw_bytes / 2**20:.1f}",
-            metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in test_metrics.items()),
-            command=results["command"],
-        )  # fmt: skip
-        (output_dir / "README.md").write_text(card)
+        render_card(args, results, output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         print(f"\n{args.task} ({args.optimizer}): test {test_metrics}; optimizer state "
               f"{results['optimizer_state_bytes'] / 2**20:.1f} MiB; saved to {output_dir}")  # fmt: skip

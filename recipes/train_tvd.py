@@ -27,6 +27,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from _model_card import MINILM_HUB_ID, SMOLLM2_HUB_ID, base_model_id, base_model_text, transformers_card_metadata
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -141,20 +142,26 @@ def evaluate_causal_lm(model, data: datasets.Dataset, batch_size: int = 8) -> di
 
 
 def render_card(args: TVDRecipeArguments, config: TVDConfig, results: dict, output_dir: Path) -> None:
-    metrics = {k: v for k, v in results["test"].items() if k != "reliability"}
+    """`model_cards/tvd.md` with the Hub metadata on top: the base model (the embedded default's Hub id, or the id
+    given) and each test metric once, in the model-index and in the text's table."""
+    metrics = {k: v for k, v in results["test"].items() if k not in ("reliability", "tokens")}
+    embedded = MINILM_HUB_ID if args.task == "classification" else SMOLLM2_HUB_ID
+    metadata = transformers_card_metadata(
+        base_model=base_model_id(args.model_name_or_path, embedded), model_name=output_dir.name, task=args.task,
+        tags=["tvd", "tailr"], dataset_name="BBC News (embedded offline copy)", metrics=metrics,
+    )  # fmt: skip
     card = string.Template(CARD_TEMPLATE.read_text()).substitute(
+        metadata=metadata,
         task=args.task,
-        base_model=args.model_name_or_path
-        or ("all-MiniLM-L6-v2" if args.task == "classification" else "SmolLM2-135M-Instruct"),
+        base_model=base_model_text(args.model_name_or_path, embedded),
         trainer="TVDTrainer" if args.trainer == "tvd" else "Trainer (cross-entropy)",
         gamma=config.tvd_gamma if args.trainer == "tvd" else "n/a",
         min_weight=config.tvd_min_weight if args.trainer == "tvd" else "n/a",
         schedule=config.tvd_gamma_schedule,
         label_noise=args.label_noise,
         label_smoothing=config.label_smoothing_factor,
-        metrics="\n".join(
-            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
-        ),
+        held_out=f"; test metrics on {results['test']['tokens']} held-out tokens" if args.task == "causal_lm" else "",
+        metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()),
         command=results["command"],
     )
     (output_dir / "README.md").write_text(card)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import evaluate_sts
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _sts_spearman(model, data) -> float:
@@ -46,6 +48,84 @@ def _model_index(metadata: dict) -> list[tuple[str, str, float]]:
         for result in entry["results"]
         for metric in result["metrics"]
     ]
+
+
+COSENT_TITLE = "CoSENT: Consistent Sentence Embedding via Similarity Ranking"
+TAILR_TITLE = "Tailoring Language Generation Models under Total Variation Distance"
+
+
+def _shown(text: str, value: float) -> int:
+    """How many times ``value`` is shown in ``text`` to 4 decimals: ``0.7770`` or, as sentence-transformers rounds
+    it, ``0.777`` (a number inside a longer one, or the unsigned part of a signed one, does not count)."""
+    digits = f"{value:.4f}".rstrip("0").rstrip(".")
+    return len(re.findall(rf"(?<![\d.+-]){re.escape(digits)}0*(?![\d])", text))
+
+
+def _check_card(readme: Path, base_model: str, citation: tuple[str, str] | None = None) -> dict[str, float]:
+    """The three things every card must get right, checked on the written file; returns the model-index metrics.
+
+    - the base model's Hub id is the metadata's ``base_model`` and the text's every "Base model" entry (none Unknown);
+    - each metric of the model-index is listed there once, and shown once in the text: sentence-transformers' Metrics
+      table or the recipe's own table, not again in the recipe's summary (the per-step Training Logs are a log);
+    - ``citation`` (heading, title): the Citation section has a BibTeX entry under that heading with that title.
+    """
+    text = readme.read_text()
+    metadata = _card_metadata(readme)
+    assert metadata.get("base_model") == base_model
+    body = text[text.index("\n---\n", 4) + 5 :]
+    entries = [line for line in body.splitlines() if "Base model" in line]
+    assert entries and all(base_model in line and "Unknown" not in line for line in entries), entries
+    metrics = _model_index(metadata)
+    pairs = [(dataset, metric) for dataset, metric, _ in metrics]
+    assert metrics and len(pairs) == len(set(pairs)), pairs
+    logs = re.search(r"\n### Training Logs\n.*?(?=\n### )", body, flags=re.DOTALL)
+    listed = body.replace(logs.group(0), "") if logs else body
+    for dataset, metric, value in metrics:
+        assert _shown(listed, value) == 1, (dataset, metric, value)
+    if citation is not None:
+        heading, title = citation
+        assert "\n## Citation\n" in body, "the card has no Citation section"
+        section = body[body.index("\n## Citation\n") :]
+        entry = re.search(rf"\n#### {re.escape(heading)}\n```bibtex\n(.*?)```", section, flags=re.DOTALL)
+        assert entry and title in entry.group(1), section[:2000]
+    return {f"{dataset}/{metric}": value for dataset, metric, value in metrics}
+
+
+@pytest.fixture(scope="module")
+def offline_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face Hub cache (``HF_HUB_CACHE``) to publish tiny models in under Hub ids with `_publish`: with
+    ``HF_HUB_OFFLINE=1`` a recipe loads such an id as it would a downloaded Hub model, and its card records the id."""
+    return tmp_path_factory.mktemp("hub_cache")
+
+
+def _publish(cache: Path, folder: str | Path, repo_id: str) -> str:
+    """Put ``folder`` in ``cache`` as the ``main`` revision of the Hub model ``repo_id``; returns ``repo_id``."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    if not repo.exists():
+        commit = "0" * 40
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    return repo_id
+
+
+def _launch(recipe: Path, argv: list[str], output_dir: Path, hub_cache: Path | None) -> dict:
+    """Run ``recipe`` under ``accelerate launch`` (CPU config) with ``argv``; returns its results.json."""
+    import json
+    import os
+    import subprocess
+
+    import hf_ext
+
+    config = str(hf_ext.accelerate_config_path("cpu"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, str(recipe), *argv,
+               "--output_dir", str(output_dir)]  # fmt: skip
+    env = dict(os.environ, **({"HF_HUB_CACHE": str(hub_cache)} if hub_cache is not None else {}))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((output_dir / "results.json").read_text())
 
 
 @torch.no_grad()
@@ -135,23 +215,11 @@ def test_evaluate_sts_rejects_unknown_split() -> None:
 TRAIN_COSENT = Path(__file__).resolve().parents[1] / "recipes" / "train_cosent.py"
 
 
-def _launch_train_cosent(model_type: str, model_dir: str, output_dir: Path, *extra: str) -> dict:
-    import json
-    import os
-    import subprocess
-
-    import hf_ext
-
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
-        str(TRAIN_COSENT), "--model_type", model_type, "--model_name_or_path", model_dir,
-        "--max_train_samples", "48", "--max_eval_samples", "40", "--per_device_train_batch_size", "16",
-        "--eval_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((output_dir / "results.json").read_text())
+def _launch_train_cosent(model_type: str, model: str, output_dir: Path, hub_cache: Path | None = None) -> dict:
+    argv = ["--model_type", model_type, "--model_name_or_path", model, "--max_train_samples", "48",
+            "--max_eval_samples", "40", "--per_device_train_batch_size", "16", "--eval_steps", "1",
+            "--learning_rate", "1e-3", "--warmup_steps", "0"]  # fmt: skip
+    return _launch(TRAIN_COSENT, argv, output_dir, hub_cache)
 
 
 @pytest.fixture(scope="module")
@@ -183,34 +251,37 @@ def _check_train_cosent_run(results: dict, before_model, output_dir: Path, after
     assert results["test_spearman"] == pytest.approx(_sts_spearman(after_model, test), abs=1e-5)
     assert results["test_spearman"] != results["test_spearman_before"]  # the weights moved
     card = (output_dir / "README.md").read_text()
-    assert f"{results['test_spearman_before']:.4f} before training, {results['test_spearman']:.4f} after" in card
+    gain = results["test_spearman"] - results["test_spearman_before"]
+    assert f"{results['test_spearman_before']:.4f} before training, {gain:+.4f} from training" in card
     assert f"checkpoint kept: {results['checkpoint']}" in card
-    metrics = _model_index(_card_metadata(output_dir / "README.md"))
-    pairs = [(dataset, metric) for dataset, metric, _ in metrics]
-    assert len(pairs) == len(set(pairs)) and {"sts-dev", "sts-test"} <= {dataset for dataset, _ in pairs}
 
 
 def test_train_cosent_bi_under_accelerate_keeps_the_best_dev_checkpoint_and_reports_it(
-    tiny_st_dir: str, tmp_path: Path
+    tiny_st_dir: str, offline_hub: Path, tmp_path: Path
 ) -> None:
     from sentence_transformers import SentenceTransformer
 
-    results = _launch_train_cosent("bi", tiny_st_dir, tmp_path / "bi")
+    model_id = _publish(offline_hub, tiny_st_dir, "hf-ext-test/tiny-st")
+    results = _launch_train_cosent("bi", model_id, tmp_path / "bi", offline_hub)
     model = SentenceTransformer(str(tmp_path / "bi"), device="cpu")
     assert model.encode(["a sentence"]).shape == (1, 32)
     _check_train_cosent_run(results, SentenceTransformer(tiny_st_dir, device="cpu"), tmp_path / "bi", model)
     card = (tmp_path / "bi" / "README.md").read_text()
     assert card.startswith("---\n")  # sentence-transformers' Hub metadata stays first
     assert "trained with CoSENT (hf_ext)" in card and "CoSENTLoss" in card and "TASLP" in card
-    assert f"- Base model: {tiny_st_dir}" in card
+    # the Hub id given is the base model; each metric is listed once; the loss's BibTeX is in the Citation section
+    metrics = _check_card(tmp_path / "bi" / "README.md", model_id, ("CoSENTLoss", COSENT_TITLE))
+    assert metrics["sts-test/spearman_cosine"] == pytest.approx(results["test_spearman"], abs=1e-9)
+    assert metrics["sts-dev/spearman_cosine"] == pytest.approx(results["dev_spearman"], abs=1e-9)
 
 
 def test_train_cosent_cross_under_accelerate_keeps_the_best_dev_checkpoint_and_reports_it(
-    tiny_cross_encoder_dir: Path, tmp_path: Path
+    tiny_cross_encoder_dir: Path, offline_hub: Path, tmp_path: Path
 ) -> None:
     from sentence_transformers import CrossEncoder
 
-    results = _launch_train_cosent("cross", str(tiny_cross_encoder_dir), tmp_path / "cross")
+    model_id = _publish(offline_hub, tiny_cross_encoder_dir, "hf-ext-test/tiny-cross-encoder")
+    results = _launch_train_cosent("cross", model_id, tmp_path / "cross", offline_hub)
     model = CrossEncoder(str(tmp_path / "cross"), device="cpu")
     assert model.predict([("a", "b")]).shape == (1,)
     before = CrossEncoder(str(tiny_cross_encoder_dir), num_labels=1, device="cpu")
@@ -219,6 +290,9 @@ def test_train_cosent_cross_under_accelerate_keeps_the_best_dev_checkpoint_and_r
     _check_train_cosent_run(results, before, tmp_path / "cross", model)
     card = (tmp_path / "cross" / "README.md").read_text()
     assert "cross-encoder (CrossEncoder) trained with CoSENT" in card and "CrossEncoderCoSENTLoss" in card
+    metrics = _check_card(tmp_path / "cross" / "README.md", model_id, ("CrossEncoderCoSENTLoss", COSENT_TITLE))
+    assert metrics["sts-test/spearman"] == pytest.approx(results["test_spearman"], abs=1e-9)
+    assert metrics["sts-dev/spearman"] == pytest.approx(results["dev_spearman"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -249,16 +323,43 @@ def test_train_cosent_on_the_real_minilm_learns_and_cards_the_embedded_base_mode
     assert results["checkpoint"].startswith("best on dev (checkpoint-")  # evaluated at steps 8 and 16
     # The card of the embedded default names its base model, and its model-index lists each metric once, with the
     # numbers of results.json (the best-on-dev model's).
-    metadata = _card_metadata(tmp_path / "real" / "README.md")
-    assert metadata.get("base_model") == MINILM_HUB_ID
-    card = (tmp_path / "real" / "README.md").read_text()
-    assert not [line for line in card.splitlines() if "Base model" in line and "Unknown" in line]
-    metrics = _model_index(metadata)
-    pairs = [(dataset, metric) for dataset, metric, _ in metrics]
-    assert len(pairs) == len(set(pairs))
-    values = {(dataset, metric): value for dataset, metric, value in metrics}
-    assert values[("sts-test", "spearman_cosine")] == pytest.approx(results["test_spearman"], abs=1e-9)
-    assert values[("sts-dev", "spearman_cosine")] == pytest.approx(results["dev_spearman"], abs=1e-9)
+    values = _check_card(tmp_path / "real" / "README.md", MINILM_HUB_ID, ("CoSENTLoss", COSENT_TITLE))
+    assert values["sts-test/spearman_cosine"] == pytest.approx(results["test_spearman"], abs=1e-9)
+    assert values["sts-dev/spearman_cosine"] == pytest.approx(results["dev_spearman"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "loss", "heading"),
+    [("bi", "cached_cosent", "CachedCoSENTLoss"), ("cross", "cosent", "CrossEncoderCoSENTLoss")],
+)
+def test_train_cosent_card_of_the_embedded_default_records_its_hub_id_and_the_loss_citation(
+    model_type: str, loss: str, heading: str, tiny_st_dir: str, tiny_cross_encoder_dir: Path, monkeypatch, tmp_path
+) -> None:
+    """The recipe's card steps without training (a tiny model stands in for the embedded MiniLM folder): the model
+    built from the embedded default, a trainer (whose card callback records the loss), one dev evaluation, the save
+    and the recipe's summary on top."""
+    import train_cosent
+    from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
+
+    folder = Path(tiny_st_dir if model_type == "bi" else tiny_cross_encoder_dir)
+    monkeypatch.setattr(train_cosent, "minilm_path", lambda: folder)
+    argv = ["--model_type", model_type, "--loss", loss, "--max_train_samples", "8", "--max_eval_samples", "8",
+            "--use_cpu", "true", "--output_dir", str(tmp_path)]  # fmt: skip
+    args, training_args = train_cosent.parse_args(argv)
+    splits = train_cosent.load_splits(args)
+    model = train_cosent.build_model(args)
+    loss_module = train_cosent.build_loss(args, model)
+    dev = train_cosent.build_evaluator(args, splits["validation"], "sts-dev")
+    trainer_cls = SentenceTransformerTrainer if model_type == "bi" else CrossEncoderTrainer
+    trainer_cls(model=model, args=training_args, train_dataset=splits["train"], loss=loss_module, evaluator=dev)
+    dev(model)
+    model.save_pretrained(str(tmp_path))
+    results = {"test_spearman_before": None, "test_spearman": None, "train_pairs": 8, "checkpoint": "last",
+               "train_seconds": 0.0, "command": "recipes/train_cosent.py"}  # fmt: skip
+    train_cosent.render_card(args, training_args, loss_module, results, tmp_path)
+    metrics = _check_card(tmp_path / "README.md", MINILM_HUB_ID, (heading, COSENT_TITLE))
+    assert {name.split("/")[0] for name in metrics} == {"sts-dev"}
+    assert "- Base model: [sentence-transformers/all-MiniLM-L6-v2](" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -284,32 +385,21 @@ def test_train_cosent_rejects_bad_arguments(argv: list[str], match: str) -> None
 TRAIN_TVD = Path(__file__).resolve().parents[1] / "recipes" / "train_tvd.py"
 
 
-def _launch_train_tvd(model_dir: str, output_dir: Path, *extra: str) -> dict:
-    import json
-    import os
-    import subprocess
-
-    import hf_ext
-
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
-        str(TRAIN_TVD), "--model_name_or_path", model_dir, "--max_train_samples", "32", "--max_eval_samples", "16",
-        "--max_steps", "3", "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((output_dir / "results.json").read_text())
+def _launch_train_tvd(model: str, output_dir: Path, *extra: str, hub_cache: Path | None = None) -> dict:
+    argv = ["--model_name_or_path", model, "--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "3",
+            "--per_device_train_batch_size", "8", *extra]  # fmt: skip
+    return _launch(TRAIN_TVD, argv, output_dir, hub_cache)
 
 
 def test_train_tvd_classification_with_label_noise_writes_a_loadable_model_and_card(
-    tiny_bert_dir: Path, tmp_path: Path
+    tiny_bert_dir: Path, offline_hub: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForSequenceClassification
 
+    model_id = _publish(offline_hub, tiny_bert_dir, "hf-ext-test/tiny-bert")
     results = _launch_train_tvd(
-        str(tiny_bert_dir), tmp_path / "cls", "--task", "classification", "--label_noise", "0.4",
-        "--tvd_gamma", "0.5", "--tvd_min_weight", "0.2",
+        model_id, tmp_path / "cls", "--task", "classification", "--label_noise", "0.4",
+        "--tvd_gamma", "0.5", "--tvd_min_weight", "0.2", hub_cache=offline_hub,
     )  # fmt: skip
     assert results["train_examples"] == 32
     expected = _classification_metrics(tmp_path / "cls", 16)  # recomputed here from the saved model
@@ -319,17 +409,25 @@ def test_train_tvd_classification_with_label_noise_writes_a_loadable_model_and_c
     assert model.config.id2label[0] == "business"
     card = (tmp_path / "cls" / "README.md").read_text()
     assert "TVDTrainer" in card and "gamma 0.5" in card and f"{results['test']['accuracy']:.4f}" in card
+    metrics = _check_card(tmp_path / "cls" / "README.md", model_id, ("TVD (TaiLr)", TAILR_TITLE))
+    assert metrics == {f"bbc_news/{name}": results["test"][name] for name in ("accuracy", "nll", "ece")}
 
 
-def test_train_tvd_causal_lm_writes_a_loadable_model_and_card(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_train_tvd_causal_lm_writes_a_loadable_model_and_card(
+    tiny_llama_dir: Path, offline_hub: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    results = _launch_train_tvd(str(tiny_llama_dir), tmp_path / "lm", "--task", "causal_lm", "--block_size", "32")
+    model_id = _publish(offline_hub, tiny_llama_dir, "hf-ext-test/tiny-llama")
+    results = _launch_train_tvd(model_id, tmp_path / "lm", "--task", "causal_lm", "--block_size", "32",
+                                hub_cache=offline_hub)  # fmt: skip
     expected = _lm_metrics(tmp_path / "lm", 32, 16)  # recomputed here from the saved model
     assert results["test"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert results["test"]["token_ece"] == pytest.approx(expected["token_ece"], rel=1e-4, abs=1e-6)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").num_parameters() > 0
     assert "causal_lm model fine-tuned with TVD" in (tmp_path / "lm" / "README.md").read_text()
+    metrics = _check_card(tmp_path / "lm" / "README.md", model_id, ("TVD (TaiLr)", TAILR_TITLE))
+    assert metrics == {f"bbc_news/{name}": results["test"][name] for name in ("perplexity", "token_ece")}
 
 
 def test_flip_labels_is_symmetric_noise_at_the_requested_rate() -> None:
@@ -437,32 +535,20 @@ def test_nbce_recipe_rejects_bad_arguments(tmp_path: Path) -> None:
 TRAIN_PROJECTED = Path(__file__).resolve().parents[1] / "recipes" / "train_projected.py"
 
 
-def _launch_train_projected(model_dir: str, output_dir: Path, *extra: str) -> dict:
-    import json
-    import os
-    import subprocess
-
-    import hf_ext
-
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(hf_ext.accelerate_config_path("cpu")),
-        str(TRAIN_PROJECTED), "--model_name_or_path", model_dir, "--max_train_samples", "32",
-        "--max_eval_samples", "16", "--max_steps", "4", "--per_device_train_batch_size", "8",
-        "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((output_dir / "results.json").read_text())
+def _launch_train_projected(model: str, output_dir: Path, *extra: str, hub_cache: Path | None = None) -> dict:
+    argv = ["--model_name_or_path", model, "--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "4",
+            "--per_device_train_batch_size", "8", *extra]  # fmt: skip
+    return _launch(TRAIN_PROJECTED, argv, output_dir, hub_cache)
 
 
 def test_train_projected_causal_lm_under_accelerate_writes_a_loadable_model_and_card(
-    tiny_llama_dir: Path, tmp_path: Path
+    tiny_llama_dir: Path, offline_hub: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    results = _launch_train_projected(str(tiny_llama_dir), tmp_path / "lm", "--task", "causal_lm", "--rank", "4",
-                                      "--block_size", "32", "--update_interval", "2")  # fmt: skip
+    model_id = _publish(offline_hub, tiny_llama_dir, "hf-ext-test/tiny-llama")
+    results = _launch_train_projected(model_id, tmp_path / "lm", "--task", "causal_lm", "--rank", "4", "--block_size",
+                                      "32", "--update_interval", "2", hub_cache=offline_hub)  # fmt: skip
     expected = _lm_metrics(tmp_path / "lm", 32, 16)  # recomputed here from the saved model
     assert results["projected_weights"] == 14
     assert results["test"]["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
@@ -471,16 +557,22 @@ def test_train_projected_causal_lm_under_accelerate_writes_a_loadable_model_and_
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").num_parameters() > 0
     card = (tmp_path / "lm" / "README.md").read_text()
     assert "ProjectedAdamW" in card and "rank-4" in card and f"{results['test']['eval_loss']:.4f}" in card
+    metrics = _check_card(tmp_path / "lm" / "README.md", model_id)
+    assert metrics == {f"bbc_news/{name}": results["test"][name] for name in ("eval_loss", "perplexity")}
 
 
-def test_train_projected_classification_writes_a_loadable_model(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_train_projected_classification_writes_a_loadable_model_and_card(
+    tiny_bert_dir: Path, offline_hub: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    results = _launch_train_projected(str(tiny_bert_dir), tmp_path / "cls", "--task", "classification", "--rank", "4",
-                                      "--projection", "svd")  # fmt: skip
+    model_id = _publish(offline_hub, tiny_bert_dir, "hf-ext-test/tiny-bert")
+    results = _launch_train_projected(model_id, tmp_path / "cls", "--task", "classification", "--rank", "4",
+                                      "--projection", "svd", hub_cache=offline_hub)  # fmt: skip
     assert results["projected_weights"] > 0
     assert results["test"]["accuracy"] == pytest.approx(_classification_metrics(tmp_path / "cls", 16)["accuracy"])
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").config.id2label[4] == "tech"
+    assert _check_card(tmp_path / "cls" / "README.md", model_id) == {"bbc_news/accuracy": results["test"]["accuracy"]}
 
 
 @pytest.mark.slow
@@ -500,6 +592,37 @@ def test_train_projected_trains_the_real_smollm2_with_a_third_of_adamws_state(sm
     assert results["test"]["perplexity"] == pytest.approx(after["perplexity"], rel=2e-3)
     # three steps of BBC text lower the held-out perplexity by ~6% (54 -> 50); lr 0 or a detached loss: 0%
     assert after["perplexity"] < 0.97 * before["perplexity"]
+
+
+_FAKE_TEST_METRICS = {  # what render_card is given in place of a run's results["test"]
+    ("train_tvd", "classification"): {"accuracy": 0.8125, "nll": 0.5934, "ece": 0.0417, "reliability": []},
+    ("train_tvd", "causal_lm"): {"perplexity": 21.5371, "token_ece": 0.0352, "tokens": 1984, "reliability": []},
+    ("train_projected", "classification"): {"accuracy": 0.8125},
+    ("train_projected", "causal_lm"): {"eval_loss": 3.0698, "perplexity": 21.5371},
+}
+
+
+@pytest.mark.parametrize(("recipe", "task"), list(_FAKE_TEST_METRICS))
+def test_transformers_cards_record_the_embedded_defaults_hub_id_and_no_id_for_a_local_folder(
+    recipe: str, task: str, tmp_path: Path
+) -> None:
+    import importlib
+
+    module = importlib.import_module(recipe)
+    test = _FAKE_TEST_METRICS[(recipe, task)]
+    results = {"test": test, "command": f"recipes/{recipe}.py", "optimizer_state_bytes": 2**20,
+               "adamw_state_bytes_estimate": 2**22}  # fmt: skip
+    args, config = module.parse_args(["--task", task, "--output_dir", str(tmp_path / "out")])
+    (tmp_path / "out").mkdir()
+    module.render_card(*((args, config) if recipe == "train_tvd" else (args,)), results, tmp_path / "out")
+    hub_id = MINILM_HUB_ID if task == "classification" else SMOLLM2_HUB_ID
+    citation = ("TVD (TaiLr)", TAILR_TITLE) if recipe == "train_tvd" else None
+    metrics = _check_card(tmp_path / "out" / "README.md", hub_id, citation)
+    assert metrics == {f"bbc_news/{k}": v for k, v in test.items() if k not in ("reliability", "tokens")}
+    args.model_name_or_path = str(tmp_path)  # a local folder: no Hub id to record, and the card says so
+    module.render_card(*((args, config) if recipe == "train_tvd" else (args,)), results, tmp_path / "out")
+    assert "base_model" not in _card_metadata(tmp_path / "out" / "README.md")
+    assert f"- Base model: `{tmp_path}` (a local folder" in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
