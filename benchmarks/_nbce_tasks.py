@@ -321,3 +321,28 @@ def summarize_tasks(data: dict) -> dict:
         summary[f"{task}_truncation_kv_mib_mean"] = statistics.mean(r["truncation"]["kv_bytes"] for r in done) / 2**20
         summary[f"{task}_truncation_cut_share"] = statistics.mean(not r["truncation"]["fits"] for r in done)
     return summary
+
+
+def tasks_table(data: dict) -> str:
+    """The harder tasks' table: accuracy (all asked numbers right; recall in brackets for multi-value) per method,
+    with the dev-chosen beta of each pooling and the case counts."""
+    s = data["summary"]
+    methods = [("oracle", "oracle"), ("truncation", "truncation / full concat"), ("nbce", "NBCE entropy"),
+               ("max", "max pooling"), ("mean", "mean pooling"), ("divergence", "divergence pooling")]  # fmt: skip
+    lines = ["| task (test cases, dev cases) | " + " | ".join(name for _, name in methods) + " |",
+             "|---" * (len(methods) + 1) + "|"]  # fmt: skip
+    for task in TASKS:
+        if f"{task}_cases" not in s:
+            continue
+        chosen = s[f"{task}_chosen_beta"]
+        cells = []
+        for key, _ in methods:
+            cell = f"{s[f'{task}_{key}_acc']:.2f}"
+            if task == "multivalue":
+                cell += f" ({s[f'{task}_{key}_recall']:.2f})"
+            pooling = "entropy" if key == "nbce" else key
+            if pooling in chosen:
+                cell += f", β {chosen[pooling]:g}"
+            cells.append(cell)
+        lines.append(f"| {task} ({s[f'{task}_cases']}, {s[f'{task}_dev_cases']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

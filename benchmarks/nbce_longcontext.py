@@ -3,7 +3,7 @@
     python benchmarks/nbce_longcontext.py                          # everything, 100 cases (hours on 2 CPU cores)
     python benchmarks/nbce_longcontext.py --ns 4 16 --cases 100    # the cheaper settings first (resumable)
     python benchmarks/nbce_longcontext.py --parts icl speed        # many-shot classification, per-token time
-    python benchmarks/nbce_longcontext.py --table                  # the README table from the results file
+    python benchmarks/nbce_longcontext.py --table                  # the docs page's table from the results file
 
 Parts (results go to benchmarks/results/nbce_longcontext.json after every case; finished cases are reused):
 
@@ -62,7 +62,7 @@ from _nbce_common import (
     prefill_all_but_last,
     truncated_prompt,
 )
-from _nbce_tasks import run_tasks, summarize_tasks
+from _nbce_tasks import run_tasks, summarize_tasks, tasks_table
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor
 
 from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
@@ -510,6 +510,8 @@ def table(data: dict) -> str:
                 f"{s[f'n{n}_{k}_acc']:.2f}" for k in ("oracle", "nbce", "mean_pool", "max_pool", "truncation")
             )
             lines.append(f"| {n} ({s[f'n{n}_cases']}) | {cells} |")
+    if any(key.endswith("_dev_cases") for key in s):
+        lines += ["", tasks_table(data)]
     return "\n".join(lines)
 
 
@@ -533,7 +535,7 @@ def main() -> None:
     parser.add_argument("--task_dev_cases", type=int, default=12, help="dev cases per harder task")
     parser.add_argument("--task_new_tokens", type=int, default=32, help="answer length limit in the harder tasks")
     parser.add_argument("--output", type=Path, default=RESULTS / "nbce_longcontext.json")
-    parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs page's table from --output and exit")
     parser.add_argument("--rescore", action="store_true", help="re-apply `answer_correct` to the stored answers")
     parser.add_argument("--rescore_from", type=Path, default=None,
                         help="take the needle answers of another results file (e.g. the pre-protocol run), re-score "
