@@ -1,4 +1,4 @@
-# The README's two commands: `make quickstart` (the main job) and `make test` (ruff + pytest).
+# The README's two commands: `make quickstart` (the main job) and `make test` (ruff, the docs build, pytest).
 # Both create .venv when missing and install what they need; a second run only re-installs after
 # pyproject.toml or this Makefile changed.
 #   TORCH_SPEC  the torch requirement installed first; bring your own CUDA build with e.g.
@@ -21,17 +21,23 @@ PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart test install install-dev lint clean
+.PHONY: quickstart test docs install install-dev lint clean
 
 # The main job: one epoch of CoSENT on STS-B train for the embedded MiniLM bi-encoder; prints the STS-B test
 # Spearman before and after, saves the model and its card under outputs/cosent-bi.
 quickstart: $(VENV)/.hf_ext-installed
 	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/train_cosent.py --model_type bi
 
+# The docs site builds with --strict (a broken link, anchor or API docstring fails); its examples run in pytest.
 test: $(VENV)/.hf_ext-installed-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
 	$(PY) -m pytest
+
+# The docs site, served at http://127.0.0.1:8000 while you edit.
+docs: $(VENV)/.hf_ext-installed-dev
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 install: $(VENV)/.hf_ext-installed
 install-dev: $(VENV)/.hf_ext-installed-dev
@@ -62,4 +68,4 @@ $(VENV)/.hf_ext-installed-dev: $(VENV)/.hf_ext-installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -3,7 +3,7 @@
     python benchmarks/cosent_sts.py --jobs 2                      # everything (hours on 2 CPU cores)
     python benchmarks/cosent_sts.py --parts bi_sweep cross_sweep  # the dev sweeps only
     python benchmarks/cosent_sts.py --parts speed memory cached   # the quick parts
-    python benchmarks/cosent_sts.py --table                       # the README tables from the results file
+    python benchmarks/cosent_sts.py --table                       # the docs pages' tables from the results file
 
 The protocol (benchmarks/_common.py): every setting is chosen on STS-B **dev** (1,500 pairs); the test split
 (1,379 pairs) is evaluated once per chosen setting and seed, never for a setting the sweep did not choose. Every
@@ -548,7 +548,7 @@ def plot(data: dict, path: Path) -> None:
 
 
 def table(data: dict) -> str:
-    """The README's markdown table, from the results file."""
+    """The docs page's markdown table, from the results file."""
     s = data["summary"]
 
     def cell(model_type: str, loss: str) -> str:
@@ -605,7 +605,7 @@ def main() -> None:
     parser.add_argument("--speed_repetitions", type=int, default=200)
     parser.add_argument("--memory_batch", type=int, default=512)
     parser.add_argument("--cached_seeds", type=int, default=5)
-    parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs page's table from --output and exit")
     args = parser.parse_args()
     if args.table:
         data = json.loads(args.output.read_text())

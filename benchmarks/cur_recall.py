@@ -3,7 +3,7 @@
     python benchmarks/cur_recall.py                       # trains the cross-encoder if needed, scores, evaluates
     python benchmarks/cur_recall.py --cross_encoder PATH  # a CrossEncoder folder or Hub id instead
     python benchmarks/cur_recall.py --dtype bfloat16      # the cross-encoder in bf16 (AMX CPUs, GPUs): ~4x faster
-    python benchmarks/cur_recall.py --table               # the README table from the results file
+    python benchmarks/cur_recall.py --table               # the docs page's table from the results file
 
 Setup: items = the unique sentences of STS-B train + dev; test queries = ``--n_test_queries`` unique STS-B test
 sentences that are not items (never anchors); the cross-encoder = the embedded MiniLM fine-tuned on STS-B train by

@@ -3,7 +3,7 @@
     python benchmarks/geometry.py                 # everything (about an hour on 2 CPU cores; the 200k timing dominates)
     python benchmarks/geometry.py --parts bbc sts summaries  # the quality parts only (minutes)
     python benchmarks/geometry.py --parts speed --device cuda  # k-occurrence on a GPU (scikit-learn on CPU)
-    python benchmarks/geometry.py --table         # the README table from the results file
+    python benchmarks/geometry.py --table         # the docs page's table from the results file
 
 Parts (results go to benchmarks/results/geometry.json; the PNG beside it):
 

@@ -1,9 +1,9 @@
-"""Every GPU figure the README promises, in one process, within 9 minutes on one H200 (issue 17).
+"""Every GPU figure the docs promise, in one process, within 9 minutes on one H200 (issue 17).
 
     python benchmarks/gpu_suite.py                             # on the GPU machine: every part, $OUT or results/
     python benchmarks/gpu_suite.py --tiny --device cpu         # tiny shapes, every part (the test runs this)
     python benchmarks/gpu_suite.py --parts knn losses          # some parts only
-    python benchmarks/gpu_suite.py --table                     # the README tables from the results file
+    python benchmarks/gpu_suite.py --table                     # the docs pages' tables from the results file
 
 The device call (the ``run`` tool; the command runs in the repository's root there):
 
@@ -612,7 +612,7 @@ def _mib(value: float | None) -> str:
 
 
 def table(data: dict) -> str:
-    """The README tables (markdown) from a suite results file."""
+    """The docs pages' tables (markdown) from a suite results file."""
     parts, out = data.get("parts", {}), []
     if "summary" in parts.get("throughput", {}):
         out += ["### Throughput", "", throughput.table(parts["throughput"]), ""]
@@ -682,7 +682,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: every part in seconds (the test)")
     parser.add_argument("--budget_s", type=float, default=480.0, help="seconds from the start for all parts")
     parser.add_argument("--table", type=Path, nargs="?", const=ROOT / "benchmarks" / "results" / "gpu_suite_h200.json",
-                        default=None, help="print the README tables from this results file and exit")  # fmt: skip
+                        default=None, help="print the docs pages' tables from this results file and exit")  # fmt: skip
     args = parser.parse_args()
     if args.table is not None:
         print(table(json.loads(args.table.read_text())))

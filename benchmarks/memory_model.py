@@ -1,7 +1,7 @@
 """`estimate_training_memory` against the bytes SmolLM2-135M holds in training, and the Llama-3 8B / 70B table.
 
     python benchmarks/memory_model.py           # about 3 minutes on 2 CPU cores
-    python benchmarks/memory_model.py --table   # the README table from the results file
+    python benchmarks/memory_model.py --table   # the docs page's table from the results file
 
 Part one: the embedded SmolLM2-135M (tied embeddings, float32) trains two steps on two 64-token blocks of BBC text
 with each method, on one process and on each rank of two gloo processes (`fully_shard` per decoder layer and at
@@ -12,7 +12,7 @@ tensors, and `estimate_training_memory` predicts the same three from the shapes 
 the largest relative error over methods and parts, per setting.
 
 Part two: `estimate_training_memory` on meta-device models built from Llama 3's published dimensions (no weights),
-8 processes, bf16 weights, rank 64 (the README table).
+8 processes, bf16 weights, rank 64 (the docs page's table).
 
 Nothing is chosen (the rank is the benchmark's, 64; the methods run at fixed settings), and the byte counts do not
 depend on the seed beyond which tokens are read.
@@ -115,7 +115,7 @@ def summarize(data: dict) -> dict:
 
 
 def table(data: dict) -> str:
-    """The README tables: SmolLM2 measured MiB (weights + gradients + state) and the estimate's largest error over
+    """The docs pages' tables: SmolLM2 measured MiB (weights + gradients + state) and the estimate's largest error over
     the three parts, one process and FSDP2 (the larger of the two ranks' errors); then the Llama 3 estimates."""
     lines = [
         "| method | one process: weights + gradients + state = total (MiB) | error | FSDP2 rank 0 of 2 | error |",
@@ -173,7 +173,7 @@ def llama3_estimates() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=RESULTS / "memory_model.json")
-    parser.add_argument("--table", action="store_true", help="print the README tables from --output and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs pages' tables from --output and exit")
     parser.add_argument("--llama3_only", action="store_true", help="recompute only the Llama 3 estimates")
     args = parser.parse_args()
     if args.llama3_only:

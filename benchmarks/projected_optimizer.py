@@ -3,7 +3,7 @@ memory and step time, under the benchmark protocol.
 
     python benchmarks/projected_optimizer.py              # every part, resumable (about 3 h on 2 CPU cores)
     python benchmarks/projected_optimizer.py --parts memory speed fsdp2
-    python benchmarks/projected_optimizer.py --table      # the README table from the results file
+    python benchmarks/projected_optimizer.py --table      # the docs page's table from the results file
 
 The embedded SmolLM2-135M (float32 weights, bf16 autocast as `Trainer(bf16=True)` runs it) is fine-tuned on BBC
 article text in blocks of ``--block_size`` tokens with the stock `Trainer` (constant learning rate, no warm-up, no
@@ -498,7 +498,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "projected_optimizer.json")
     parser.add_argument("--weights_dir", type=Path, default=ROOT / ".cache" / "projected_optimizer",
                         help="where sweep runs keep their trained weights until the chosen one is scored")  # fmt: skip
-    parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs page's table from --output and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

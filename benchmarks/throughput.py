@@ -3,7 +3,7 @@
     python benchmarks/throughput.py --make_lengths      # once, here: real token-length samples -> JSON (committed)
     OMP_NUM_THREADS=2 python benchmarks/throughput.py   # CPU (throughput_cpu.json; ~30 min on 2 quiet cores)
     python benchmarks/throughput.py --device cuda --steps 40 --bert_batch 64 --gpt2_batch 16 --gpt2_max_length 1024
-    python benchmarks/throughput.py --table             # the README table from the CPU results (and the plot)
+    python benchmarks/throughput.py --table             # the docs page's table from the CPU results (and the plot)
     python benchmarks/throughput.py --tiny --output /tmp/throughput_tiny.json   # 2-layer models (~20 min: compiles)
 
 Models with random weights at real sizes (speed does not depend on the weights, and nothing is downloaded):
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="2-layer, 64-wide models: a quick check of every mode")
-    parser.add_argument("--table", action="store_true", help="print the README table (and redraw the plot) and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs table (and redraw the plot) and exit")
     return parser
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/tvd_calibration.py                       # everything, 3 seeds (hours on 2 CPU cores)
     python benchmarks/tvd_calibration.py --parts memory speed  # the quick parts
-    python benchmarks/tvd_calibration.py --table               # the README table from the results file
+    python benchmarks/tvd_calibration.py --table               # the docs page's table from the results file
 
 Parts (results go to benchmarks/results/tvd_calibration.json as each run finishes; finished runs are reused):
 
@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "pre_protocol" / "tvd_calibration.json")
     parser.add_argument("--speed_steps", type=int, default=24)
     parser.add_argument("--lm_steps", type=int, default=60)
-    parser.add_argument("--table", action="store_true", help="print the README table from --output and exit")
+    parser.add_argument("--table", action="store_true", help="print the docs page's table from --output and exit")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                         help="extra recipe arguments for every training run (after all other options)")  # fmt: skip
     args = parser.parse_args()

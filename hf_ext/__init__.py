@@ -7,6 +7,9 @@ Example:
 >>> from sentence_transformers import SentenceTransformer
 >>> model = SentenceTransformer(str(hf_ext.minilm_path()))  # or any Hub id
 >>> test = hf_ext.load_stsb("test")
+>>> model.encode([test[0]["sentence1"], test[0]["sentence2"]]).shape
+(2, 384)
+
 ```
 """
 

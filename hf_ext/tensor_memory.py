@@ -20,6 +20,7 @@ Example:
 ...     z = (y + 1).sum()  # a 4 KiB temporary, freed after the sum, and the 4-byte z
 >>> probe.peak, probe.live
 (8196, 4100)
+
 ```
 """
 
@@ -118,6 +119,7 @@ def reachable_tensors(obj: Any) -> Iterator[torch.Tensor]:
     >>> x = torch.zeros(3)
     >>> len(list(reachable_tensors({"a": [x, (x, 1)], "b": None})))
     2
+
     ```
     """
     seen: set[int] = set()

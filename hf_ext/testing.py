@@ -5,15 +5,21 @@ equivalence of losses, optimizers and generation) without a GPU.
 
 Example:
 
+The spawned processes import ``fn`` from its module, so define it in a file of yours (say ``checks.py``), not at a
+prompt: a function typed into a doctest or a notebook cannot be pickled for them. The call is skipped here for that
+reason; tests/test_distributed.py makes such calls.
+
 ```python
 >>> import torch
 >>> import torch.distributed as dist
->>> def rank_sum(rank, world_size, base):  # module-level, so it pickles
+>>> from hf_ext.testing import run_distributed
+>>> def rank_sum(rank, world_size, base):  # in checks.py
 ...     t = torch.tensor([float(base + rank)])
 ...     dist.all_reduce(t)
 ...     return t.item()
->>> run_distributed(rank_sum, world_size=2, args=(10,))
+>>> run_distributed(rank_sum, world_size=2, args=(10,))  # skipped here: spawns processes  # doctest: +SKIP
 [21.0, 21.0]
+
 ```
 """
 

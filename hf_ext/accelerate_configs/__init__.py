@@ -6,6 +6,7 @@ Example:
 >>> from hf_ext import accelerate_config_path
 >>> accelerate_config_path("cpu").name
 'cpu.yaml'
+
 ```
 """
 

@@ -9,6 +9,7 @@ Example:
 >>> train, test = bbc_lm_data(AutoTokenizer.from_pretrained(smollm2_path()), block_size=128, max_eval_blocks=64)
 >>> len(test)
 64
+
 ```
 """
 

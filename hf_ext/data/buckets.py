@@ -22,6 +22,7 @@ Example:
 >>> batch = collator([tokenizer("a short one"), tokenizer("and a slightly longer sentence")])
 >>> batch["input_ids"].shape
 torch.Size([2, 32])
+
 ```
 """
 

@@ -47,8 +47,18 @@ def nbce_custom_generate_path() -> Path:
     Example:
 
     ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from hf_ext import smollm2_path
+    >>> from hf_ext.generation import nbce_custom_generate_path
+    >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    >>> contexts = ["Paris is the capital of France.", "Rome is the capital of Italy."]
     >>> out = model.generate(custom_generate=str(nbce_custom_generate_path()), trust_remote_code=True,
-    ...                      tokenizer=tokenizer, contexts=contexts, question=question)  # doctest: +SKIP
+    ...                      tokenizer=tokenizer, contexts=contexts, question="What is the capital of Italy?",
+    ...                      max_new_tokens=2)
+    >>> "Rome" in tokenizer.decode(out[0, -2:], skip_special_tokens=True)  # every row carries the answer
+    True
+
     ```
     """
     return Path(__file__).resolve().parent / "nbce_hub"
@@ -85,14 +95,22 @@ def nbce_generate(
     a long document with `split_into_windows`).
 
     Args:
-        model, tokenizer: a causal LM and its tokenizer (a missing pad token falls back to EOS).
+        model (`PreTrainedModel`): a causal LM.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (a missing pad token falls back to EOS).
         contexts (`list[str]`): the contexts, one batch row each.
         question (`str`): the question (or instruction).
-        beta, pooling, eta, top_p, do_sample, temperature, generator: see `NBCELogitsProcessor`.
+        beta (`float`, *optional*, defaults to `0.25`): weight of the context-free prior (`NBCELogitsProcessor`).
+        pooling (`str`, *optional*, defaults to `"entropy"`): ``entropy``, ``max`` or ``mean``.
+        eta (`float`, *optional*, defaults to `0.1`): entropy bonus of the previously chosen context.
+        top_p (`float`, *optional*, defaults to `0.95`): nucleus truncation of every row before combining.
+        do_sample (`bool`, *optional*, defaults to `False`): sample from the combined distribution.
+        temperature (`float`, *optional*, defaults to `1.0`): sampling temperature.
+        generator (`torch.Generator`, *optional*): the sampling generator.
         max_new_tokens (`int`, *optional*, defaults to `128`): the answer's length limit.
         streamer (*optional*): a transformers streamer (e.g. `TextStreamer(tokenizer, skip_prompt=True)`).
         chat_template (`bool`, *optional*, defaults to `True`): render each row as a user message.
-        prompt_template, question_template (`str`): the row texts for rows 1..n and row 0.
+        prompt_template (`str`, *optional*, defaults to `"{context}\\n\\n{question}"`): the text of rows 1..n.
+        question_template (`str`, *optional*, defaults to `"{question}"`): the text of row 0.
         return_processor (`bool`, *optional*, defaults to `False`): also return the processor (its
             ``chosen_contexts`` tells which context each token came from).
         shard_contexts (`bool`, *optional*, defaults to `False`): under `accelerate launch` / `torchrun`, every
@@ -115,8 +133,14 @@ def nbce_generate(
     >>> from hf_ext import smollm2_path
     >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    >>> nbce_generate(model, tokenizer, ["Paris is the capital of France.", "Rome is in Italy."],
-    ...               "What is the capital of France?", max_new_tokens=16)  # doctest: +SKIP
+    >>> from hf_ext.generation import nbce_generate
+    >>> answer, processor = nbce_generate(model, tokenizer, ["Paris is the capital of France.", "Rome is in Italy."],
+    ...                                   "What is the capital of France?", max_new_tokens=2, return_processor=True)
+    >>> answer
+    'Paris...'
+    >>> processor.chosen_contexts  # the context each token came from (1-based)
+    [1, 1]
+
     ```
     """
     if generate_kwargs.get("num_beams", 1) != 1:
@@ -181,14 +205,23 @@ def split_into_windows(text: str, tokenizer, window: int, overlap: int = 0) -> l
 
     Args:
         text (`str`): the document.
-        tokenizer: the model's tokenizer (pieces are cut on its tokens and decoded back to text).
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (pieces are cut on its tokens and decoded back
+            to text).
         window (`int`): tokens per piece, >= 1.
         overlap (`int`, *optional*, defaults to `0`): tokens shared by consecutive pieces, in [0, window).
 
     Example:
 
     ```python
-    >>> pieces = split_into_windows(long_report, tokenizer, window=1024, overlap=128)  # doctest: +SKIP
+    >>> from transformers import AutoTokenizer
+    >>> from hf_ext import smollm2_path
+    >>> from hf_ext.generation import split_into_windows
+    >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    >>> long_report = " ".join(["Paris is the capital of France. Rome is the capital of Italy."] * 10)  # 140 tokens
+    >>> pieces = split_into_windows(long_report, tokenizer, window=32, overlap=8)  # e.g. window=1024, overlap=128
+    >>> [len(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
+    [32, 32, 32, 32, 32, 20]
+
     ```
     """
     if not isinstance(text, str) or not text.strip():

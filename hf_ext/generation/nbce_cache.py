@@ -48,10 +48,13 @@ class NBCEContextCache:
     `DynamicCache` grows by concatenation), so a question adds only its own tokens' states.
 
     Args:
-        model: a causal LM (kept: the cache belongs to it).
-        tokenizer: its tokenizer (a missing pad token falls back to EOS).
-        chat_template, prompt_template, question_template: the row templates, as in `nbce_batch`; ``{context}``
-            must come before ``{question}``.
+        model (`PreTrainedModel`): a causal LM (kept: the cache belongs to it).
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (a missing pad token falls back to EOS).
+        chat_template (`bool`, *optional*, defaults to `True`): render each row as a user message, as in
+            `nbce_batch`.
+        prompt_template (`str`, *optional*, defaults to `"{context}\\n\\n{question}"`): the text of rows 1..n;
+            ``{context}`` must come before ``{question}``.
+        question_template (`str`, *optional*, defaults to `"{question}"`): the text of row 0.
 
     Example:
 
@@ -63,10 +66,13 @@ class NBCEContextCache:
     >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     >>> contexts = ["Paris is the capital of France.", "Rome is the capital of Italy."]
     >>> cache = NBCEContextCache(model, tokenizer)
-    >>> for question in ["What is the capital of France?", "What is the capital of Italy?"]:
-    ...     answer = nbce_generate(model, tokenizer, contexts, question, context_cache=cache, max_new_tokens=8)
+    >>> answers = [nbce_generate(model, tokenizer, contexts, question, context_cache=cache, max_new_tokens=2)
+    ...            for question in ["What is the capital of France?", "What is the capital of Italy?"]]
+    >>> ["Paris" in answers[0], "Rome" in answers[1]]
+    [True, True]
     >>> cache.reads  # the contexts were prefilled once
     1
+
     ```
     """
 
@@ -158,8 +164,20 @@ class NBCEContextCache:
         Example:
 
         ```python
-        >>> inputs = cache.inputs("What is the capital of Italy?")  # doctest: +SKIP
-        >>> out = model.generate(**inputs, logits_processor=[NBCELogitsProcessor()], max_new_tokens=8)  # doctest: +SKIP
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> from hf_ext import smollm2_path
+        >>> from hf_ext.generation import NBCEContextCache, NBCELogitsProcessor
+        >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+        >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+        >>> cache = NBCEContextCache(model, tokenizer)
+        >>> inputs = cache.inputs("What is the capital of Italy?", ["Paris is the capital of France.",
+        ...                                                         "Rome is the capital of Italy."])
+        >>> inputs["input_ids"].shape[0], cache.num_tokens  # 1 + 2 rows; 30 positions per row kept
+        (3, 30)
+        >>> out = model.generate(**inputs, logits_processor=[NBCELogitsProcessor()], max_new_tokens=2)
+        >>> "Rome" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        True
+
         ```
         """
         if contexts is not None:

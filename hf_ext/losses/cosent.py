@@ -106,6 +106,7 @@ def cosent_loss(scores: Tensor, labels: Tensor, *, scale: float = 20.0, groups: 
     >>> scores = torch.tensor([0.9, 0.2, 0.5], requires_grad=True)
     >>> cosent_loss(scores, torch.tensor([5.0, 0.0, 3.0]))  # ordered correctly: small loss
     tensor(0.0028, grad_fn=<LogsumexpBackward0>)
+
     ```
     """
     _validate(scores, labels, scale, groups)
@@ -199,7 +200,8 @@ class CoSENTLoss(_STCoSENTLoss):
     >>> model = SentenceTransformer(str(minilm_path()))  # or any Hub id
     >>> train = load_stsb("train").select_columns(["sentence1", "sentence2", "score"]).select(range(64))
     >>> trainer = SentenceTransformerTrainer(model=model, train_dataset=train, loss=CoSENTLoss(model))
-    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.train()  # skipped: minutes of CPU; docs/methods/cosent.md runs 2 steps  # doctest: +SKIP
+
     ```
     """
 
@@ -299,6 +301,7 @@ class CachedCoSENTLoss(CachedLossMixin, CoSENTLoss):
     >>> from hf_ext.losses import CachedCoSENTLoss
     >>> model = SentenceTransformer(str(minilm_path()))
     >>> loss = CachedCoSENTLoss(model, mini_batch_size=32)  # then SentenceTransformerTrainer(..., loss=loss)
+
     ```
     """
 

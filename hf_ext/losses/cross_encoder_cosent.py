@@ -58,7 +58,8 @@ class CrossEncoderCoSENTLoss(nn.Module):
     >>> model = CrossEncoder(str(minilm_path()), num_labels=1)  # a fresh head on MiniLM; or any Hub id
     >>> train = load_stsb("train").select_columns(["sentence1", "sentence2", "score"]).select(range(64))
     >>> trainer = CrossEncoderTrainer(model=model, train_dataset=train, loss=CrossEncoderCoSENTLoss(model))
-    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.train()  # skipped: minutes of CPU; docs/methods/cosent.md runs 2 steps  # doctest: +SKIP
+
     ```
     """
 

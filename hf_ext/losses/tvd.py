@@ -137,6 +137,7 @@ def tvd_loss(
     True
     >>> tvd_loss(logits, labels, gamma=0.5, min_weight=0.2) < tvd_loss(logits, labels, gamma=0.0)
     tensor(True)
+
     ```
     """
     _validate(logits, labels, gamma, min_weight, label_smoothing)

@@ -24,6 +24,7 @@ def load_ece(**kwargs):
     >>> ece = load_ece()
     >>> ece.compute(predictions=[[0.9, 0.1], [0.8, 0.2]], references=[0, 1])["expected_calibration_error"]
     0.45
+
     ```
     """
     import evaluate

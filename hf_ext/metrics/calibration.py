@@ -65,6 +65,7 @@ def expected_calibration_error(probabilities, references, n_bins: int = 15) -> f
     ```python
     >>> expected_calibration_error([[0.9, 0.1], [0.8, 0.2]], [0, 1])  # 90% sure and right, 80% sure and wrong
     0.45
+
     ```
     """
     return _ece(calibration_bins(probabilities, references, n_bins))
@@ -79,6 +80,7 @@ def confidence_calibration(confidences, correct, n_bins: int = 15) -> tuple[floa
     ```python
     >>> confidence_calibration([0.9, 0.8], [1, 0])[0]
     0.45
+
     ```
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:

@@ -13,14 +13,15 @@ Example:
 >>> model = torch.nn.Linear(8, 16)
 >>> opt = ProjectedAdamW(model.named_parameters(), rank=2)
 >>> model(torch.randn(4, 8)).sum().backward(); opt.step()
->>> path = tempfile.mkdtemp()
->>> save_sharded_checkpoint(path, model, opt)
 >>> fresh = torch.nn.Linear(8, 16)
 >>> fresh_opt = ProjectedAdamW(fresh.named_parameters(), rank=2)
->>> load_sharded_checkpoint(path, fresh, fresh_opt)
+>>> with tempfile.TemporaryDirectory() as path:
+...     save_sharded_checkpoint(path, model, opt)
+...     load_sharded_checkpoint(path, fresh, fresh_opt)
 >>> torch.equal(fresh.weight, model.weight) and torch.equal(fresh_opt.state[fresh.weight]["basis"],
 ...                                                         opt.state[model.weight]["basis"])
 True
+
 ```
 """
 

@@ -107,7 +107,10 @@ def create_projected_optimizer(
     >>> from hf_ext.optim import create_projected_optimizer
     >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     >>> optimizer = create_projected_optimizer(model, rank=64, lr=1e-4, update_interval=200)
+    >>> [(len(group["params"]), group["rank"]) for group in optimizer.param_groups]  # linear weights; other; 1-D
+    [(210, 64), (1, None), (61, None)]
     >>> # Trainer(model=model, args=..., train_dataset=..., optimizers=(optimizer, None))
+
     ```
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -159,6 +162,7 @@ def optimizer_state_bytes(optimizer) -> int:
     >>> layer(torch.randn(2, 4)).sum().backward(); opt.step()
     >>> optimizer_state_bytes(opt)  # two moments of 20 floats, two scalar steps
     168
+
     ```
     """
     return sum(

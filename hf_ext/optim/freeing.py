@@ -194,6 +194,7 @@ class StepInBackward(Optimizer):
     ...     opt.step()  # nothing left to do
     >>> model[0].weight.grad  # freed
     FreedGradient(parameter 0 of its group (shape (128, 64)), shape=(128, 64))
+
     ```
     """
 

@@ -29,6 +29,7 @@ Example:
 >>> estimated = estimate_training_memory(model, "projected", rank=8)
 >>> abs(measured.optimizer_state - estimated.optimizer_state) <= 0.05 * measured.optimizer_state
 True
+
 ```
 """
 

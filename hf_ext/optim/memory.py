@@ -16,6 +16,7 @@ Example:
 >>> projected = estimate_training_memory(config, "projected", rank=8)
 >>> projected.optimizer_state < adamw.optimizer_state
 True
+
 ```
 """
 

@@ -154,6 +154,9 @@ class ProjectedAdamW(Optimizer):
     >>> opt = ProjectedAdamW([{"params": weights, "rank": 4}, {"params": others}], lr=1e-3, update_interval=50)
     >>> model(torch.randn(16, 64)).square().mean().backward()
     >>> opt.step()
+    >>> opt.state[model[0].weight]["exp_avg"].shape  # the (128, 64) weight's moments: rank 4 on its shorter side
+    torch.Size([128, 4])
+
     ```
     """
 

@@ -21,6 +21,7 @@ Example:
 >>> reduced = project(grad, basis, side)  # (8, 256)
 >>> project_back(reduced, basis, side).shape
 torch.Size([64, 256])
+
 ```
 """
 

@@ -22,6 +22,7 @@ Example:
 >>> from hf_ext.optim.sharded import row_range
 >>> [row_range(5, world_size=2, rank=r) for r in range(2)]  # torch.chunk's split, as fully_shard uses
 [(0, 3), (3, 5)]
+
 ```
 """
 

@@ -11,14 +11,26 @@ item scored so far against the stored anchor scores ``R``, so later rounds aim w
 Example:
 
 ```python
+>>> import tempfile
 >>> from sentence_transformers import CrossEncoder
+>>> from hf_ext import load_stsb, minilm_path
 >>> from hf_ext.retrieval import CURIndex
->>> cross_encoder = CrossEncoder("cross-encoder/stsb-distilroberta-base")  # any object with `predict(pairs)`
->>> items = ["A man is playing a guitar.", "A woman slices an onion.", ...]  # doctest: +SKIP
->>> index = CURIndex.build(cross_encoder, items, anchor_queries=items[:100], n_anchor_items=100)  # doctest: +SKIP
->>> hits, calls = index.search(["Someone plays music."], top_k=10, rerank_k=50)  # doctest: +SKIP
->>> hits, calls = index.search(["Someone plays music."], top_k=10, rerank_k=50, rounds=5)  # adaCUR  # doctest: +SKIP
->>> index.save_pretrained("my-cur-index")  # or push_to_hub("me/my-cur-index")  # doctest: +SKIP
+>>> # any object with `predict(pairs)`; a trained cross-encoder in practice (here MiniLM with a fresh head)
+>>> cross_encoder = CrossEncoder(str(minilm_path()), num_labels=1)
+>>> sentences = list(dict.fromkeys(load_stsb("test")["sentence1"]))
+>>> items = sentences[:30]
+>>> index = CURIndex.build(cross_encoder, items, anchor_queries=sentences[100:106], n_anchor_items=6,
+...                        show_progress_bar=False)
+>>> hits, calls = index.search(["Someone plays music."], top_k=3, rerank_k=6)
+>>> len(hits[0]), calls  # 3 hits, exact scores; 6 anchor items + 6 re-ranked calls instead of 30
+(3, [12])
+>>> hits, calls = index.search(["Someone plays music."], top_k=3, rerank_k=6, rounds=2)  # adaCUR, same calls
+>>> with tempfile.TemporaryDirectory() as folder:  # or push_to_hub("me/my-cur-index")
+...     index.save_pretrained(folder)
+...     loaded = CURIndex.from_pretrained(folder, cross_encoder=cross_encoder)
+>>> loaded.search(["Someone plays music."], top_k=3, rerank_k=6, rounds=2) == (hits, calls)
+True
+
 ```
 """
 

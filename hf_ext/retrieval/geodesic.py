@@ -17,13 +17,18 @@ Example:
 
 ```python
 >>> from sentence_transformers import SentenceTransformer
->>> from hf_ext import minilm_path
+>>> from hf_ext import load_stsb, minilm_path
 >>> from hf_ext.retrieval import GeodesicSimilarity
 >>> model = SentenceTransformer(str(minilm_path()))
->>> corpus = model.encode(sentences)  # doctest: +SKIP
->>> geodesic = GeodesicSimilarity(k=10).fit(corpus)  # doctest: +SKIP
->>> geodesic.pair_similarity([0, 1], [5, 9])  # corpus pairs  # doctest: +SKIP
->>> geodesic.query_similarity(model.encode(["a query"]))  # (1, N), through its k nearest  # doctest: +SKIP
+>>> corpus = model.encode(list(dict.fromkeys(load_stsb("test")["sentence1"]))[:50])  # (50, 384)
+>>> geodesic = GeodesicSimilarity(k=5, show_progress_bar=False).fit(corpus)
+>>> geodesic.pair_similarity([0, 1], [5, 9]).round(2)  # corpus pairs: minus the shortest-path length
+array([-0.82, -1.32])
+>>> query = model.encode(["A man is playing a guitar."])
+>>> similarity = geodesic.query_similarity(query)  # (1, 50), through its k nearest
+>>> bool(similarity.argmax() == (query @ corpus.T).argmax())  # the top-1 is the cosine top-1 (see above)
+True
+
 ```
 """
 

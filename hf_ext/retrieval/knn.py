@@ -36,6 +36,7 @@ Example:
 >>> values, indices = nearest_neighbours(x, k=10)  # (5000, 10) float64 cosines and int64 ids, best first
 >>> bool((indices != torch.arange(5000)[:, None]).all())  # self excluded
 True
+
 ```
 """
 

@@ -41,8 +41,26 @@ class RecompileCounter(TrainerCallback):
     Example:
 
     ```python
+    >>> from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from hf_ext import minilm_path
+    >>> from hf_ext.data import BucketPadCollator, bbc_classification_data
     >>> from hf_ext.trainers import RecompileCounter
-    >>> # Trainer(..., data_collator=BucketPadCollator(collator, (64, 128, 256)), callbacks=[RecompileCounter()])
+    >>> tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    >>> model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+    >>> train, _ = bbc_classification_data(tokenizer, max_length=64, max_train_samples=8)
+    >>> collator = BucketPadCollator(DataCollatorWithPadding(tokenizer), (32, 64))
+    >>> counter = RecompileCounter()
+    >>> # torch_compile=True is what it watches; compiling is left out here (a minute on CPU)
+    >>> args = TrainingArguments(output_dir="outputs/buckets", max_steps=1, per_device_train_batch_size=8,
+    ...                          logging_strategy="no", save_strategy="no", report_to="none")
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[counter])
+    >>> trainer.train().global_step  # it prints the run's summary
+    {'train_runtime': ...}
+    1
+    >>> counter.expected, counter.count  # one graph per bucket expected; none built without compile
+    (2, 0)
+
     ```
     """
 

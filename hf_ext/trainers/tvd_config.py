@@ -26,6 +26,7 @@ class TVDConfig(TrainingArguments):
     >>> config = TVDConfig(output_dir="out", tvd_gamma=0.5, tvd_min_weight=0.2, tvd_gamma_schedule="linear")
     >>> config.tvd_gamma_at(0.5)  # halfway through training, from tvd_gamma_start=0.0
     0.25
+
     ```
     """
 

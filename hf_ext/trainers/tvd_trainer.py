@@ -75,9 +75,21 @@ def tvd_compute_loss_func(
     Example:
 
     ```python
-    >>> from transformers import Trainer
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    >>> from hf_ext import smollm2_path
+    >>> from hf_ext.trainers import tvd_compute_loss_func
     >>> loss_func = tvd_compute_loss_func(0.5, task="causal_lm", min_weight=0.2)
-    >>> trainer = Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss_func)  # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    >>> args = TrainingArguments(output_dir="outputs/tvd-lm", report_to="none")
+    >>> trainer = Trainer(model=model, args=args, compute_loss_func=loss_func)  # + train_dataset=..., then train()
+    >>> # what the Trainer calls it with: the outputs, the labels (shifted here, as the model's own loss does)
+    >>> logits, labels = torch.randn(2, 8, 32), torch.randint(0, 32, (2, 8))
+    >>> cross_entropy = tvd_compute_loss_func(0.0)({"logits": logits}, labels)  # gamma 0: cross-entropy
+    >>> bool(torch.isclose(cross_entropy, torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+    ...                                                                      labels[:, 1:].flatten())))
+    True
+
     ```
     """
     if task not in TVD_TASKS:
@@ -111,11 +123,21 @@ class TVDTrainer(Trainer):
     Example:
 
     ```python
-    >>> from transformers import AutoModelForSequenceClassification
+    >>> from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    >>> from hf_ext import minilm_path
+    >>> from hf_ext.data import bbc_classification_data
     >>> from hf_ext.trainers import TVDConfig, TVDTrainer
-    >>> args = TVDConfig(output_dir="out", tvd_gamma=0.5, tvd_min_weight=0.2)
-    >>> trainer = TVDTrainer(model=model, args=args, train_dataset=train)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
+    >>> tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    >>> model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+    >>> train, test = bbc_classification_data(tokenizer, max_length=64, max_train_samples=8, max_eval_samples=8)
+    >>> args = TVDConfig(output_dir="outputs/tvd", tvd_gamma=0.5, tvd_min_weight=0.2, max_steps=1,  # one step here
+    ...                  per_device_train_batch_size=8, logging_strategy="no", save_strategy="no", report_to="none")
+    >>> collator = DataCollatorWithPadding(tokenizer)
+    >>> trainer = TVDTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator)
+    >>> trainer.train().global_step  # it prints the run's summary
+    {'train_runtime': ...}
+    1
+
     ```
     """
 

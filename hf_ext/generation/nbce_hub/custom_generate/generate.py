@@ -278,10 +278,21 @@ class NBCELogitsProcessor(LogitsProcessor):
     Example:
 
     ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from hf_ext import smollm2_path  # the embedded SmolLM2-135M-Instruct; any causal LM works
+    >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    >>> contexts = ["Paris is the capital of France.", "Rome is the capital of Italy."]
     >>> processor = NBCELogitsProcessor(beta=0.25)
-    >>> batch = nbce_batch(tokenizer, contexts, question)  # row 0: the question alone; rows 1..n: one context each
-    >>> out = model.generate(**batch, logits_processor=[processor], max_new_tokens=32)  # doctest: +SKIP
-    >>> answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # doctest: +SKIP
+    >>> # row 0: the question alone; rows 1..n: one context each
+    >>> batch = nbce_batch(tokenizer, contexts, "What is the capital of Italy?")
+    >>> out = model.generate(**batch, logits_processor=[processor], max_new_tokens=2)
+    >>> new = out[:, batch["input_ids"].shape[1]:]
+    >>> bool((new == new[0]).all())  # every row got the same tokens
+    True
+    >>> "Rome" in tokenizer.decode(new[0], skip_special_tokens=True)
+    True
+
     ```
     """
 

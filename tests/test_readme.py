@@ -1,0 +1,142 @@
+"""The README fits on one screen and every figure in it is the committed JSON's, rounded as printed.
+
+Each figure the README (and the docs landing page, which repeats the results table) prints is listed below with
+the results file and key it comes from. The test fails when a listed figure is missing from the page, when the
+JSON's value no longer rounds to it, and when the page prints a decimal figure that is not listed: a figure
+cannot be added, or drift from its JSON, without this file saying where it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+LANDING = ROOT / "docs" / "index.md"
+MAX_README_LINES = 150
+GIB = 2**30
+
+
+def fixed(digits: int, sign: bool = False) -> Callable[[float], str]:
+    return lambda value: f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def gib(value: float) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def scientific(value: float) -> str:
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    text: str  # as printed
+    file: str  # under benchmarks/results/
+    key: str  # dotted path into the JSON
+    render: Callable[[Any], str]
+    pages: tuple[Path, ...] = (README,)
+
+
+def _both(*args: Any) -> Figure:
+    return Figure(*args, pages=(README, LANDING))
+
+
+LLAMA_70B_FSDP2 = "llama3.Llama-3-70B.fsdp2"
+FIGURES = [
+    # The main job's line (README only).
+    Figure("0.8486", "quickstart.json", "summary.test_spearman_after", fixed(4)),
+    Figure("+0.0283", "quickstart.json", "summary.test_gain", fixed(4, sign=True)),
+    Figure("393 s", "quickstart.json", "summary.job_seconds", lambda v: f"{v:.0f} s"),
+    Figure("82 s", "quickstart.json", "summary.install_seconds", lambda v: f"{v:.0f} s"),
+    Figure("475 s", "quickstart.json", "summary.install_and_job_seconds", lambda v: f"{v:.0f} s"),
+    # Results at a glance (README and the docs landing page).
+    _both("0.8203", "quickstart.json", "summary.test_spearman_before", fixed(4)),
+    _both("0.8472", "cosent_sts.json", "summary.bi_hf_ext_spearman", fixed(4)),
+    _both("0.8171", "cosent_sts.json", "summary.ce_cosent_default_spearman", fixed(4)),
+    _both("0.8131", "cosent_sts.json", "summary.ce_bce_spearman", fixed(4)),
+    _both("+0.0040", "cosent_sts.json", "summary.ce_cosent_minus_bce_paired", fixed(4, sign=True)),
+    _both("0.0133", "cosent_sts.json", "summary.ce_cosent_minus_bce_paired_detail.std", fixed(4)),
+    _both("0.8582", "cosent_sts.json", "summary.bi_st_cosine_spearman", fixed(4)),
+    _both("0.18", "pre_protocol/tvd_calibration.json", "summary.noise04_tvd0.5_ece", fixed(2)),
+    _both("0.41", "pre_protocol/tvd_calibration.json", "summary.noise04_ce_ece", fixed(2)),
+    _both("0.70", "nbce_longcontext.json", "summary.n48_nbce_acc", fixed(2)),
+    _both("0.73", "nbce_longcontext.json", "summary.n48_oracle_acc", fixed(2)),
+    _both("0.31", "nbce_longcontext.json", "summary.n48_truncation_acc", fixed(2)),
+    _both("1.07x", "nbce_longcontext.json", "summary.step_ratio_n48", lambda v: f"{v:.2f}x"),
+    _both("0.092x", "nbce_longcontext.json", "summary.cache_ttft_ratio_n48", lambda v: f"{v:.3f}x"),
+    _both("21.9 GiB", "memory_model.json", f"{LLAMA_70B_FSDP2}.projected_freeing.total", gib),
+    _both("65.7 GiB", "memory_model.json", f"{LLAMA_70B_FSDP2}.adamw.total", gib),
+    _both("35.3 GiB", "memory_model.json", f"{LLAMA_70B_FSDP2}.galore.total", gib),
+    _both("18.0 GiB", "memory_model.json", f"{LLAMA_70B_FSDP2}.lora.total", gib),
+    _both("6.9e-7", "memory_model.json", "summary.max_rel_error_one_process", scientific),
+    _both("1.79x", "throughput_cpu.json", "summary.bert_bucketed_vs_static", lambda v: f"{v:.2f}x"),
+    _both("0.96", "pre_protocol/cur_recall.json", "summary.cur_top10_overlap", fixed(2)),
+    _both("0.63", "pre_protocol/cur_recall.json", "summary.biencoder_top10_overlap", fixed(2)),
+    _both("0.710", "geometry.json", "summary.csls_recall1", fixed(3)),
+    _both("0.688", "geometry.json", "summary.cosine_recall1", fixed(3)),
+    _both("1.90x", "geometry.json", "summary.kocc_speedup_vs_faiss_50k", lambda v: f"{v:.2f}x"),
+    _both("3.0 points", "geometry.json", "summary.csls_corpus_recall1_gain_points", lambda v: f"{-v:.1f} points"),
+]
+# Decimals a page may print that are not measurements (none today); each needs its reason.
+NOT_FIGURES: dict[str, str] = {}
+DECIMAL = re.compile(r"(?<![\w.])[+-]?\d+\.\d+(?:e-?\d+)?(?![\w.])")
+
+
+def lookup(file: str, key: str) -> Any:
+    value: Any = json.loads((RESULTS / file).read_text())
+    for part in _split_key(key):
+        value = value[part]
+    return value
+
+
+def _split_key(key: str) -> list[str]:
+    """Dotted keys; a dot between two digits belongs to the name (``noise04_tvd0.5_ece``)."""
+    return re.split(r"(?<!\d)\.|\.(?!\d)", key)
+
+
+def prose(page: Path) -> str:
+    """The page without fenced code blocks and inline code (commands and versions are not figures)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def test_readme_fits_on_one_screen() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines (at most {MAX_README_LINES})"
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=[f"{f.file}:{f.key}" for f in FIGURES])
+def test_figure_is_the_jsons(figure: Figure) -> None:
+    printed = figure.render(lookup(figure.file, figure.key))
+    assert printed == figure.text, f"{figure.file} {figure.key} now prints {printed!r}, the pages say {figure.text!r}"
+    for page in figure.pages:
+        assert figure.text in prose(page), f"{page.name} no longer prints {figure.text!r} ({figure.key})"
+
+
+@pytest.mark.parametrize("page", [README, LANDING], ids=["README.md", "docs/index.md"])
+def test_every_decimal_on_the_page_is_a_listed_figure(page: Path) -> None:
+    listed = {f.text for f in FIGURES if page in f.pages} | set(NOT_FIGURES)
+    numbers = {m.group().lstrip("+") for m in DECIMAL.finditer(prose(page))}
+    covered = {n for n in numbers if any(n in text for text in listed)}
+    assert numbers == covered, f"{page.name} prints figures no JSON key backs: {sorted(numbers - covered)}"
+
+
+def test_the_figure_check_catches_a_drifted_figure(tmp_path: Path) -> None:
+    """A page whose figure differs from the JSON's fails, and an unlisted figure is found."""
+    figure = next(f for f in FIGURES if f.text == "0.8472")
+    wrong = Figure("0.8500", figure.file, figure.key, figure.render)
+    with pytest.raises(AssertionError, match="now prints"):
+        test_figure_is_the_jsons(wrong)
+    page = tmp_path / "page.md"
+    page.write_text("A new claim: 0.9999 recall, `pip install x==1.2.3`.\n\n```bash\nv 2.5\n```\n")
+    assert {m.group() for m in DECIMAL.finditer(prose(page))} == {"0.9999"}
