@@ -7,9 +7,15 @@ Launch (defaults: the unique STS-B train + dev sentences; a cross-encoder traine
     python recipes/build_cur_index.py --cross_encoder cross-encoder/stsb-distilroberta-base \\
         --corpus my_sentences.txt --n_anchor_items 200 --anchor_strategy kmeans
 
-Scoring the anchor queries against every item is the long part (a progress bar; rows are checkpointed under
-``<output_dir>/anchor_rows`` so an interrupted build resumes). The index is saved with ``save_pretrained`` (load it
-with ``CURIndex.from_pretrained``; ``push_to_hub`` uploads it).
+Scoring the anchor queries against every item is the long part (a progress bar; each anchor query's scores on each
+block of items are checkpointed under ``<output_dir>/anchor_rows`` so an interrupted build resumes, with any number of
+processes). Several processes share it, each scoring a slice of the items (one per GPU, or CPU processes):
+
+    accelerate launch --multi_gpu --num_processes 2 recipes/build_cur_index.py --cross_encoder outputs/cosent-cross
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/build_cur_index.py  # 2 CPU ranks
+
+The index is saved by rank 0 with ``save_pretrained`` (load it with ``CURIndex.from_pretrained``, which memory-maps
+its matrices; ``push_to_hub`` uploads it).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate import PartialState
 from sentence_transformers import CrossEncoder, SentenceTransformer
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from hf_ext import load_stsb, minilm_path
+from hf_ext.distributed import get_rank, get_world_size
 from hf_ext.retrieval import CURIndex
 
 
@@ -40,6 +48,7 @@ class CURRecipeArguments:
     top_k: int = field(default=5, metadata={"help": "Hits per query."})
     rerank_k: int = field(default=50, metadata={"help": "Items re-scored exactly per query."})
     batch_size: int = field(default=64, metadata={"help": "Cross-encoder batch size."})
+    block_size: int = field(default=4096, metadata={"help": "Items per scoring block (what processes split)."})
     output_dir: str = field(default="outputs/cur-index", metadata={"help": "Where the index is saved."})
     seed: int = field(default=0, metadata={"help": "Seed of the anchor draws."})
 
@@ -69,15 +78,22 @@ def main(args: CURRecipeArguments) -> dict:
         others = len(items) - args.n_anchor_items
         raise ValueError(f"`rerank_k` ({args.rerank_k}) exceeds the {others} items that are not anchor items: pass at "
                          f"most {others} (then every item is scored exactly).")  # fmt: skip
-    cross_encoder = CrossEncoder(args.cross_encoder or str(minilm_path()), num_labels=1)
+    state = PartialState()  # under `accelerate launch`: initialises the process group the build splits its work over
+    rank, world_size = get_rank(), get_world_size()  # from torch.distributed, as the build sees it
+    set_seed(args.seed)  # a fresh cross-encoder head is then the same on every rank
+    cross_encoder = CrossEncoder(args.cross_encoder or str(minilm_path()), num_labels=1, device=str(state.device))
     embedder = SentenceTransformer(str(minilm_path())) if args.anchor_strategy == "kmeans" else None
     output = Path(args.output_dir)
-    print(f"{len(items)} items; {args.n_anchor_queries} anchor queries x {len(items)} items to score")
+    if rank == 0:
+        print(f"{len(items)} items; {args.n_anchor_queries} anchor queries x {len(items)} items to score"
+              + (f" by {world_size} processes" if world_size > 1 else ""))  # fmt: skip
     index = CURIndex.build(
         cross_encoder, items, n_anchor_queries=args.n_anchor_queries, query_pool=items,
         n_anchor_items=args.n_anchor_items, anchor_strategy=args.anchor_strategy, embedder=embedder,
-        batch_size=args.batch_size, checkpoint_dir=output / "anchor_rows", seed=args.seed,
+        batch_size=args.batch_size, checkpoint_dir=output / "anchor_rows", seed=args.seed, block_size=args.block_size,
     )  # fmt: skip
+    if rank != 0:  # every rank holds the same index: rank 0 saves it and answers the queries
+        return {"n_items": len(items), "queries": []}
     index.save_pretrained(output)
     queries = args.queries or random.Random(args.seed).sample(items, min(3, len(items)))
     hits, calls = index.search(queries, top_k=args.top_k, rerank_k=args.rerank_k)

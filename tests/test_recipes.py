@@ -655,6 +655,8 @@ def test_train_tvd_with_compile_on_pads_to_buckets_without_warnings(tiny_bert_di
 
 # ------------------------------------------------------------------------------------------- build_cur_index
 
+CUR_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "build_cur_index.py"
+
 
 def test_build_cur_index_builds_saves_and_queries_with_a_progress_bar(tiny_bert_dir: Path, tmp_path: Path, capsys):
     import build_cur_index
@@ -671,6 +673,40 @@ def test_build_cur_index_builds_saves_and_queries_with_a_progress_bar(tiny_bert_
     assert "CUR: anchor queries x items" in capsys.readouterr().err  # the tqdm bar
     loaded = CURIndex.from_pretrained(str(tmp_path / "index"))
     assert len(loaded.items) == 40 and len(list((tmp_path / "index" / "anchor_rows").glob("*.npy"))) == 8
+
+
+def test_build_cur_index_under_accelerate_on_two_processes_saves_the_one_process_index(
+    tiny_cross_encoder_dir: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+
+    import build_cur_index
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import HfArgumentParser
+
+    options = {"--cross_encoder": str(tiny_cross_encoder_dir), "--max_items": "40", "--n_anchor_queries": "6",
+               "--n_anchor_items": "6", "--rerank_k": "10", "--block_size": "8"}  # fmt: skip
+    argv = [part for pair in options.items() for part in pair]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched rank runs (OMP_NUM_THREADS=1)
+    try:
+        build_cur_index.main(*HfArgumentParser(build_cur_index.CURRecipeArguments).parse_args_into_dataclasses(
+            [*argv, "--output_dir", str(tmp_path / "one")]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    proc = subprocess.run([*launch, str(CUR_RECIPE), *argv, "--output_dir", str(tmp_path / "two")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "by 2 processes" in proc.stdout and proc.stdout.count("cross-encoder calls instead of 40") == 3  # rank 0
+    one, two = (load_file(str(tmp_path / name / "cur_index.safetensors")) for name in ("one", "two"))
+    np.testing.assert_array_equal(one["anchor_item_ids"], two["anchor_item_ids"])
+    for name in ("item_matrix", "anchor_scores"):
+        np.testing.assert_allclose(two[name].astype(np.float64), one[name].astype(np.float64), rtol=0, atol=1e-6)
+    assert (tmp_path / "one" / "items.json").read_text() == (tmp_path / "two" / "items.json").read_text()
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,8 +45,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from huggingface_hub import ModelHubMixin
 from tqdm.auto import tqdm
+
+from ..distributed import get_world_size
+from .cur_scoring import DEFAULT_BLOCK_SIZE, score_anchor_matrix, score_pairs
+from .memmap import memmap_safetensors
 
 ANCHOR_STRATEGIES = ("random", "kmeans")
 # Singular values of the anchor matrix below RCOND times the largest are treated as zero by the pseudo-inverse
@@ -109,28 +113,6 @@ def _check_items(items: Sequence[str], name: str) -> list[str]:
     return list(items)
 
 
-def score_pairs(cross_encoder: Any, pairs: list[tuple[str, str]], batch_size: int) -> np.ndarray:
-    """Cross-encoder scores of ``pairs`` as float64; non-finite scores are an error (never silently kept)."""
-    if not pairs:
-        return np.zeros(0)
-    scores = np.asarray(cross_encoder.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
-    scores = scores.reshape(len(pairs), -1)
-    if scores.shape[1] != 1:
-        raise ValueError(f"The cross-encoder must return one score per pair, got {scores.shape[1]} per pair.")
-    scores = scores[:, 0]
-    if not np.isfinite(scores).all():
-        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        raise ValueError(f"The cross-encoder returned a non-finite score ({scores[bad]}) for the pair {pairs[bad]!r}.")
-    return scores
-
-
-def save_row(path: Path, row: np.ndarray) -> None:
-    """Save a row of scores as ``.npy`` through a temporary file and a rename: a killed write leaves no row."""
-    partial = path.with_suffix(".partial.npy")
-    np.save(partial, row)
-    os.replace(partial, path)
-
-
 def kmeans_anchor_ids(embeddings: np.ndarray, n_anchors: int, *, seed: int = 0, iterations: int = 25) -> np.ndarray:
     """Indices of the items nearest to ``n_anchors`` k-means centres (cosine, k-means++ start), all distinct."""
     x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=1)
@@ -164,7 +146,9 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
     """A CUR (ANNCUR) index of ``items`` for one cross-encoder: build offline, `search` online.
 
     Build it with `CURIndex.build`; save with ``save_pretrained`` / ``push_to_hub`` (huggingface_hub's mixin:
-    safetensors for the matrices, JSON for the config and the items) and load with ``from_pretrained``.
+    safetensors for the matrices, JSON for the config and the items) and load with ``from_pretrained``, which
+    memory-maps the item matrix and the anchor scores (``mmap=False`` reads them into memory): a search reads them
+    from the page cache, and the process's own memory holds the items and one query's ``N`` scores.
 
     Args:
         items (`list[str]`): the corpus.
@@ -194,7 +178,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
     ) -> None:
         self.items = list(items)
         self.anchor_item_ids = np.asarray(anchor_item_ids, dtype=np.int64)
-        self.item_matrix = np.asarray(item_matrix, dtype=np.float32)
+        self.item_matrix = np.asanyarray(item_matrix, dtype=np.float32)  # a memory-mapped matrix stays mapped
         self.anchor_queries = list(anchor_queries)
         self.cross_encoder_name = cross_encoder_name
         self.cross_encoder_fingerprint = cross_encoder_fingerprint
@@ -204,11 +188,11 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         expected = (len(self.anchor_item_ids), len(self.items))
         if self.item_matrix.shape != expected:
             raise ValueError(f"`item_matrix` has shape {self.item_matrix.shape}, expected {expected}.")
-        self.anchor_scores = None if anchor_scores is None else np.asarray(anchor_scores, dtype=np.float16)
+        self.anchor_scores = None if anchor_scores is None else np.asanyarray(anchor_scores, dtype=np.float16)
         expected = (len(self.anchor_queries), len(self.items))
         if self.anchor_scores is not None and self.anchor_scores.shape != expected:
             raise ValueError(f"`anchor_scores` has shape {self.anchor_scores.shape}, expected {expected}.")
-        if self.anchor_scores is not None and not np.isfinite(self.anchor_scores).all():
+        if self.anchor_scores is not None and not _all_finite(self.anchor_scores):
             raise ValueError("`anchor_scores` overflows float16: the cross-encoder's scores must lie within +-65504.")
 
     # ------------------------------------------------------------------------------------------------ building
@@ -230,6 +214,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         show_progress_bar: bool = True,
         checkpoint_dir: str | Path | None = None,
         seed: int = 0,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> CURIndex:
         """Score the anchor queries against every item and factorise.
 
@@ -248,10 +233,18 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
                 the largest are cut by the pseudo-inverse (a singular anchor block is handled, not amplified).
             batch_size (`int`, *optional*, defaults to `64`): cross-encoder batch size.
             show_progress_bar (`bool`, *optional*, defaults to `True`): a bar over the anchor queries.
-            checkpoint_dir (`str`, *optional*): each anchor query's row of scores is saved there as it is computed
-                and reused by a later call with the same query, items and cross-encoder, so an interrupted build
-                resumes.
+            checkpoint_dir (`str`, *optional*): each anchor query's scores on each block of items are saved there
+                as they are computed and reused by a later call with the same query, items and cross-encoder (with any
+                number of processes), so an interrupted build resumes.
             seed (`int`, *optional*, defaults to `0`): seed of the anchor draws.
+            block_size (`int`, *optional*, defaults to `4096`): items per scoring block (one ``predict`` call per
+                anchor query and block; the unit that processes split and checkpoints keep).
+
+        Under ``torch.distributed`` (``accelerate launch`` / ``torchrun``, the process group initialised, e.g. by
+        ``accelerate.PartialState()``) every rank calls ``build`` with the same arguments and its own cross-encoder;
+        the ranks score contiguous slices of the item blocks and all-gather them
+        (`hf_ext.retrieval.cur_scoring.score_anchor_matrix`), so each returns the index a single process builds.
+        Save it from one rank.
         """
         items = _check_items(items, "items")
         if anchor_strategy not in ANCHOR_STRATEGIES:
@@ -278,29 +271,15 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             anchor_ids = kmeans_anchor_ids(embeddings, n_anchor_items, seed=seed)
         else:
             anchor_ids = np.sort(rng.choice(len(items), n_anchor_items, replace=False))
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        # A row's file name carries a digest of its query, the items and the cross-encoder, so a rerun with other
-        # inputs never reuses it; rows are written to a temporary file and renamed (a killed write leaves no row).
+        if get_world_size() > 1:  # every rank must use rank 0's anchors (k-means on slightly other embeddings)
+            shared = [anchor_ids]
+            dist.broadcast_object_list(shared, src=0)
+            anchor_ids = shared[0]
         fingerprint = cross_encoder_fingerprint(cross_encoder)
-        identity = f"{cross_encoder_name(cross_encoder)}\0{fingerprint}"
-        context = hashlib.sha1("\n".join(items).encode() + identity.encode()).hexdigest()
-        rows = []
-        for index, query in enumerate(tqdm(anchor_queries, desc="CUR: anchor queries x items",
-                                           disable=not show_progress_bar)):  # fmt: skip
-            path = None
-            if folder is not None:
-                digest = hashlib.sha1(f"{context}\0{query}".encode()).hexdigest()[:16]
-                path = folder / f"row_{index:06d}_{digest}.npy"
-            if path is not None and path.is_file():
-                row = np.load(path)
-            else:
-                row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
-                if path is not None:
-                    save_row(path, row)
-            rows.append(row)
-        scores = np.stack(rows)  # R: (|V|, N)
+        scores = score_anchor_matrix(cross_encoder, anchor_queries, items, batch_size=batch_size,
+                                     block_size=block_size, checkpoint_dir=checkpoint_dir,
+                                     identity=f"{cross_encoder_name(cross_encoder)}\0{fingerprint}",
+                                     show_progress_bar=show_progress_bar)  # R: (|V|, N)  # fmt: skip
         item_matrix = cur_item_matrix(scores, anchor_ids, rcond)
         index = cls(items, anchor_ids, item_matrix, anchor_queries, cross_encoder_name(cross_encoder), rcond,
                     anchor_strategy, fingerprint, scores)  # fmt: skip
@@ -381,15 +360,15 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
     def _resolve(self, exact: dict[int, float]) -> np.ndarray:
         """Every item's approximate score from the exactly scored items ``S``: ``c_S pinv(R[:, S]) R``."""
         ids = np.fromiter(exact, dtype=np.int64, count=len(exact))
-        scores = self.anchor_scores.astype(np.float64)  # type: ignore[union-attr]
-        weights = np.fromiter(exact.values(), dtype=np.float64, count=len(exact)) @ np.linalg.pinv(
-            scores[:, ids], rcond=self.rcond
-        )
-        return weights @ scores
+        block = self.anchor_scores[:, np.sort(ids)].astype(np.float64)  # type: ignore[index]
+        order = np.argsort(ids)  # columns read in file order (a memory-mapped R), weights in `exact`'s order
+        values = np.fromiter(exact.values(), dtype=np.float64, count=len(exact))[order]
+        weights = values @ np.linalg.pinv(block, rcond=self.rcond)
+        return vector_times_matrix(weights, self.anchor_scores)  # type: ignore[arg-type]
 
     def approximate_scores(self, anchor_scores: np.ndarray) -> np.ndarray:
         """All items' approximate scores from one query's exact scores on the anchor items (``c @ item_matrix``)."""
-        return np.asarray(anchor_scores, dtype=np.float64) @ self.item_matrix.astype(np.float64)
+        return vector_times_matrix(np.asarray(anchor_scores, dtype=np.float64), self.item_matrix)
 
     def _cross_encoder(self, cross_encoder: Any) -> Any:
         if cross_encoder is not None:
@@ -449,6 +428,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         local_files_only: bool = False,
         token: str | bool | None = None,
         cross_encoder: Any = None,
+        mmap: bool = True,
         **kwargs: Any,
     ) -> CURIndex:
         from safetensors.numpy import load_file
@@ -462,7 +442,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
                                             token=token))  # fmt: skip
         config = json.loads((folder / CONFIG_NAME).read_text())
         texts = json.loads((folder / ITEMS_NAME).read_text())
-        tensors = load_file(str(folder / WEIGHTS_NAME))
+        # memory-mapped: the item matrix and the anchor scores stay on disk, read page by page as searches touch them
+        tensors = memmap_safetensors(folder / WEIGHTS_NAME) if mmap else load_file(str(folder / WEIGHTS_NAME))
         index = cls(texts["items"], tensors["anchor_item_ids"], tensors["item_matrix"], texts["anchor_queries"],
                     config.get("cross_encoder_name"), config.get("rcond", DEFAULT_RCOND),
                     config.get("anchor_strategy", "random"), config.get("cross_encoder_fingerprint"),
@@ -470,6 +451,24 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         if cross_encoder is not None:
             index._cross_encoder(cross_encoder)
         return index
+
+
+# Columns per step of a product with a (|U| or |V|) x N matrix: a memory-mapped or float16 matrix is converted to
+# float64 a slice at a time (8 MiB at 16 rows), never whole.
+COLUMN_CHUNK = 1 << 16
+
+
+def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``vector @ matrix`` in float64, ``COLUMN_CHUNK`` columns at a time (each column's sum is the plain one)."""
+    out = np.empty(matrix.shape[1])
+    for start in range(0, matrix.shape[1], COLUMN_CHUNK):
+        out[start : start + COLUMN_CHUNK] = vector @ np.asarray(matrix[:, start : start + COLUMN_CHUNK], np.float64)
+    return out
+
+
+def _all_finite(matrix: np.ndarray) -> bool:
+    return all(np.isfinite(matrix[:, start : start + COLUMN_CHUNK]).all()
+               for start in range(0, matrix.shape[1], COLUMN_CHUNK))  # fmt: skip
 
 
 def cur_item_matrix(scores: np.ndarray, anchor_item_ids: np.ndarray, rcond: float = DEFAULT_RCOND) -> np.ndarray:
