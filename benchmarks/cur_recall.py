@@ -1,27 +1,40 @@
-"""CUR (ANNCUR) vs bi-encoder + re-rank: overlap with the exact cross-encoder top-k per cross-encoder call.
+"""adaCUR vs ANNCUR vs bi-encoder + re-rank: overlap with the exact cross-encoder top-k per cross-encoder call.
 
     python benchmarks/cur_recall.py                       # trains the cross-encoder if needed, scores, evaluates
     python benchmarks/cur_recall.py --cross_encoder PATH  # a CrossEncoder folder or Hub id instead
     python benchmarks/cur_recall.py --dtype bfloat16      # the cross-encoder in bf16 (AMX CPUs, GPUs): ~4x faster
+    python benchmarks/cur_recall.py --n_items 0           # all 13,227 items (2.6x the scoring: ~4 h on 2 cores)
+    python benchmarks/cur_recall.py --n_items 500 --n_test_queries 10 --n_dev_queries 6 --n_anchor_queries 20 \\
+        --output /tmp/cur_smoke.json                      # a small run of the whole pipeline
     python benchmarks/cur_recall.py --table               # the docs page's table from the results file
 
-Setup: items = the unique sentences of STS-B train + dev; test queries = ``--n_test_queries`` unique STS-B test
-sentences that are not items (never anchors); the cross-encoder = the embedded MiniLM fine-tuned on STS-B train by
-``recipes/train_cosent.py --model_type cross`` (CrossEncoderCoSENTLoss, scale 5), trained once and cached. The
-exact scores of the test queries and of the anchor-query pool against every item are computed once (cached .npy
-under ``--cache_dir``, resumable by rows, one folder per ``--dtype``); the scores are the cross-encoder's raw
-logits (``activation_fn=Identity``: ANNCUR factorises the scores the model ranks by, and a sigmoid would bend the
-low-rank structure; the ranking is the same). Every method is then evaluated on those exact scores, with calls counted
-as `CURIndex.search` and `biencoder_rerank_search` spend them:
+Setup: items = ``--n_items`` (default 5,000) of the unique sentences of STS-B train + dev (13,227), drawn at random
+(seed 0, kept in corpus order; 0 = all of them: the exact rows cost ``rows x items`` forward passes, ~280 pairs/s
+on a 2-core CPU, so the default 300 rows take ~1.5 h on 5,000 items and ~4 h on all); queries = unique STS-B test
+sentences that are not train or dev sentences, shuffled (seed 0): the first ``--n_test_queries`` are the test
+queries, the next ``--n_dev_queries`` the dev queries (disjoint); anchor queries ``V`` = ``--n_anchor_queries``
+items (never a dev or test query). The cross-encoder = the embedded MiniLM fine-tuned on STS-B train by
+``recipes/train_cosent.py --model_type cross`` (CrossEncoderCoSENTLoss, scale 5), trained once and cached; its
+scores are raw logits (``activation_fn=Identity``: CUR factorises the scores the model ranks by; a sigmoid would
+bend the low-rank structure, the ranking is the same).
+The exact scores of the dev, test and anchor queries against every item are computed once with
+`score_anchor_matrix` (checkpointed blocks under ``--cache_dir``, resumable, one folder per ``--dtype``).
 
-- CUR: ``|U|`` anchor-item calls + the ``rerank_k`` best approximate candidates not among them; anchors random (the
-  paper) or k-means (items nearest to k-means centres of MiniLM embeddings); three splits of a budget between
-  ``|U|`` and ``rerank_k``; ``|V|`` = 50, 100 or all 200 anchor queries;
+Every method then runs through the shipped search on those scores: `CURIndex.search` with a scorer that looks each
+pair up in the exact matrix (so calls are counted exactly as a live search spends them) and the bi-encoder
+baseline with the same accounting:
+
+- ANNCUR: ``rounds=1``; adaCUR: ``rounds`` in {2, 3, 5, 10} (doubled while the best is the largest). Both with
+  anchor items random (the paper) or k-means (items nearest to k-means centres of MiniLM embeddings, seeded), a
+  share of the budget in {0.1, 0.25, 0.5, 0.75, 0.9} spent on them (the rest re-ranked; extended below 0.1 or above
+  0.9 while the best is at that end), 3 anchor draws (seeds 0, 1, 2) each; ``|V|`` is the offline budget, fixed
+  at all anchor queries (a diagnostic shows 25 / 50 / 100% of them);
 - bi-encoder (the embedded all-MiniLM-L6-v2) retrieves ``rerank_k`` = the budget, the cross-encoder re-ranks them.
 
-Budgets: 1, 2, 5 and 10% of the corpus per query; top-1 / 10 / 50 overlap with the exact top-k. Diagnostics: how
-concentrated the exact top-10 lists are (the cross-encoder's own hubs), and the 10% overlaps split by whether a query
-has a paraphrase among the items.
+**Protocol**: at each budget (1, 2, 5, 10% of the corpus in calls per query) the dev queries choose, per method,
+the anchor strategy, the share and (adaCUR) the rounds by mean top-10 overlap over the 3 draws; the test queries are
+evaluated once per draw at the chosen setting: mean ± sample std over the draws, and adaCUR - ANNCUR paired by draw.
+Reported: top-1 / 10 / 50 overlap with the exact cross-encoder top-k.
 """
 
 from __future__ import annotations
@@ -31,22 +44,26 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from _common import protocol, save_results
+from _common import choose, mean_std, paired, protocol, save_results
 from tqdm.auto import tqdm
 
 from hf_ext import cache_dir, load_stsb, minilm_path
-from hf_ext.retrieval import cur_item_matrix, kmeans_anchor_ids
-from hf_ext.retrieval.cur import save_row, score_pairs
+from hf_ext.retrieval import CURIndex, cur_item_matrix, kmeans_anchor_ids
+from hf_ext.retrieval.cur_scoring import score_anchor_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.01, 0.02, 0.05, 0.10)
-ANCHOR_SHARES = (0.25, 0.5, 0.75)  # share of the budget spent on anchor items
-ANCHOR_QUERY_COUNTS = (50, 100, 200)  # |V|: the first 50 / 100 / all of the scored anchor queries
-PARAPHRASE_COSINE = 0.7  # a query "has a paraphrase" among the items if its nearest item is this close (MiniLM)
+ANCHOR_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9)  # share of the budget spent on anchor items
+ROUNDS = (2, 3, 5, 10)  # adaCUR; extended by doubling while the best is the largest
+MAX_ROUNDS = 80
+STRATEGIES = ("random", "kmeans")
+DRAWS = (0, 1, 2)
+ANCHOR_QUERY_SHARES = (0.25, 0.5, 1.0)  # the |V| diagnostic
 KS = (1, 10, 50)
 
 
@@ -75,23 +92,18 @@ def train_cross_encoder(folder: Path) -> Path:
     return folder
 
 
-def score_matrix(cross_encoder, queries: list[str], items: list[str], path: Path, batch_size: int) -> np.ndarray:
-    """Exact scores of ``queries`` x ``items``, one row at a time, cached (resumable) in ``path`` (.npy rows)."""
-    path.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, query in enumerate(tqdm(queries, desc=f"exact scores -> {path.name}")):
-        row_path = path / f"{index:06d}.npy"
-        if row_path.is_file():
-            rows.append(np.load(row_path))
-            continue
-        row = score_pairs(cross_encoder, [(query, item) for item in items], batch_size)
-        save_row(row_path, row)
-        rows.append(row)
-    return np.stack(rows)
+class ExactScores:
+    """A scorer that looks each (query, item) pair up in the exact score matrix: `CURIndex.search` runs as it would
+    live and counts its calls, without spending forward passes again."""
 
+    def __init__(self, queries: list[str], items: list[str], exact: np.ndarray) -> None:
+        self.query_row = {q: i for i, q in enumerate(queries)}
+        self.item_column = {t: j for j, t in enumerate(items)}
+        self.exact = exact
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    def predict(self, pairs, batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
+        rows = [self.query_row[q] for q, _ in pairs]
+        return self.exact[rows, [self.item_column[i] for _, i in pairs]]
 
 
 def _overlaps(found: list[list[int]], exact_top: np.ndarray) -> dict[str, float]:
@@ -100,139 +112,148 @@ def _overlaps(found: list[list[int]], exact_top: np.ndarray) -> dict[str, float]
             for k in KS}  # fmt: skip
 
 
-def evaluate_cur(exact: np.ndarray, anchors_r: np.ndarray, anchor_ids: np.ndarray, rerank_k: int, top: int) -> tuple:
-    matrix = cur_item_matrix(anchors_r, anchor_ids)
-    approx = exact[:, anchor_ids] @ matrix  # (queries, N)
-    found, calls = [], []
-    unscored = np.ones(exact.shape[1], dtype=bool)
-    unscored[anchor_ids] = False
-    for q in range(exact.shape[0]):  # as `CURIndex.search`: the anchors, then the best approximations of the others
-        order = np.argsort(-approx[q], kind="stable")
-        pool = anchor_ids.tolist() + order[unscored[order]][:rerank_k].tolist()
-        calls.append(len(pool))
-        found.append(sorted(pool, key=lambda i, q=q: (-exact[q, i], i))[:top])
-    return found, float(np.mean(calls))
+class Evaluator:
+    """Every method on one query set (dev or test), from the cached exact scores."""
+
+    def __init__(self, items, queries, exact, anchor_queries, anchors_r, item_emb, similarity) -> None:
+        self.items, self.queries, self.exact = items, queries, exact
+        self.anchor_queries, self.anchors_r = anchor_queries, anchors_r
+        self.item_emb, self.similarity = item_emb, similarity
+        self.exact_top = np.argsort(-exact, axis=1, kind="stable")[:, : max(KS)]
+        self.scorer = ExactScores(queries, items, exact)
+        self._anchors: dict[tuple, np.ndarray] = {}
+
+    def anchor_ids(self, strategy: str, n_anchor: int, draw: int) -> np.ndarray:
+        key = (strategy, n_anchor, draw)
+        if key not in self._anchors:
+            if strategy == "random":
+                ids = np.sort(np.random.default_rng(draw).choice(len(self.items), n_anchor, replace=False))
+            else:
+                ids = kmeans_anchor_ids(self.item_emb, n_anchor, seed=draw)
+            self._anchors[key] = ids
+        return self._anchors[key]
+
+    def cur(self, calls: int, strategy: str, share: float, rounds: int, draw: int, n_anchor_queries: int | None = None):
+        n_anchor = _n_anchor(share, calls)
+        rerank_k = calls - n_anchor
+        if rerank_k < rounds:
+            return None
+        ids = self.anchor_ids(strategy, n_anchor, draw)
+        rows = self.anchors_r[: n_anchor_queries or len(self.anchors_r)]
+        matrix = cur_item_matrix(rows, ids)
+        index = CURIndex(self.items, ids, matrix, self.anchor_queries[: len(rows)], anchor_scores=rows)
+        hits, spent = index.search(self.queries, top_k=min(max(KS), calls), rerank_k=rerank_k, rounds=rounds,
+                                   cross_encoder=self.scorer)  # fmt: skip
+        assert set(spent) == {calls}, spent  # every method spends the budget exactly
+        return _overlaps([[h["corpus_id"] for h in q] for q in hits], self.exact_top)
+
+    def biencoder(self, calls: int) -> dict[str, float]:
+        candidates = np.argsort(-self.similarity, axis=1, kind="stable")[:, :calls]
+        found = [sorted(c.tolist(), key=lambda i, q=q: (-self.exact[q, i], i))[: max(KS)]
+                 for q, c in enumerate(candidates)]  # fmt: skip
+        return _overlaps(found, self.exact_top)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cross_encoder", default=None)
-    parser.add_argument("--n_test_queries", type=int, default=100)
-    parser.add_argument("--n_anchor_queries", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="the cross-encoder's weights and activations; every score (exact and CUR) uses it",
-    )
-    parser.add_argument("--cache_dir", type=Path, default=cache_dir() / "cur_bench")
-    parser.add_argument("--output", type=Path, default=RESULTS / "pre_protocol" / "cur_recall.json")
-    parser.add_argument("--table", action="store_true")
-    args = parser.parse_args()
-    if args.table:
-        print(table(json.loads(args.output.read_text())))
-        return
-    from sentence_transformers import CrossEncoder, SentenceTransformer
-
-    items, pool = corpus()
-    rng = random.Random(0)
-    test_queries = rng.sample(pool, args.n_test_queries)
-    anchor_pool = rng.sample(items, args.n_anchor_queries)  # anchor queries come from the items, never the tests
-    path = args.cross_encoder or str(train_cross_encoder(args.cache_dir / "cross_encoder"))
-    cross_encoder = CrossEncoder(path, num_labels=1, activation_fn=torch.nn.Identity())
-    cross_encoder.model.to(getattr(torch, args.dtype))
-    rows_dir = args.cache_dir / f"rows_{args.dtype}"
-    exact = score_matrix(cross_encoder, test_queries, items, rows_dir / "test", args.batch_size)
-    anchors_r = score_matrix(cross_encoder, anchor_pool, items, rows_dir / "anchor", args.batch_size)
-    bi = SentenceTransformer(str(minilm_path()))
-    item_emb = bi.encode(items, batch_size=256, normalize_embeddings=True, show_progress_bar=True)
-    query_emb = bi.encode(test_queries, batch_size=256, normalize_embeddings=True)
-    similarity = query_emb @ item_emb.T
-    counts = sorted({min(v, args.n_anchor_queries) for v in ANCHOR_QUERY_COUNTS} | {args.n_anchor_queries})
-    rows, found_at = evaluate(exact, anchors_r, similarity, item_emb, counts)
-    data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries),
-                       "n_anchor_queries": args.n_anchor_queries, "cross_encoder": path, "dtype": args.dtype,
-                       "scores": "logits"}, "rows": rows}  # fmt: skip
-    # Pre-protocol: the |U| / rerank split and |V| are chosen on the reported test queries and random anchors are
-    # one draw; issue 19 moves the choice to dev queries (results then go to benchmarks/results/).
-    data["protocol"] = protocol(selection_split="pre-protocol: the reported test queries",
-                                test_split=f"{len(test_queries)} STS-B test queries", chosen={}, seeds=[0])  # fmt: skip
-    data["diagnostics"] = diagnostics(exact, similarity, found_at, rows)
-    save_results(args.output, data, summarize)
-    plot(data, args.output.with_suffix(".png"))
-    print(json.dumps(data["summary"], indent=2))
+def _n_anchor(share: float, calls: int) -> int:
+    return max(1, round(share * calls))
 
 
-def evaluate(exact: np.ndarray, anchors_r: np.ndarray, similarity: np.ndarray, item_emb: np.ndarray,
-             anchor_query_counts: list[int]) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every method at every budget; returns the rows and, at the largest budget, each method's top-k lists."""
-    exact_top = _top(exact, max(KS))
-    kmeans_cache: dict[int, np.ndarray] = {}
-    n = exact.shape[1]
-    rows, found_at = [], {}
-    for budget in BUDGETS:
-        calls_budget = max(2, round(budget * n))
-        candidates = _top(similarity, calls_budget)
-        found = [sorted(c.tolist(), key=lambda i, q=q: (-exact[q, i], i))[: max(KS)] for q, c in enumerate(candidates)]
-        rows.append({"method": "biencoder_rerank", "budget": budget, "calls": calls_budget, "rerank_k": calls_budget,
-                     **_overlaps(found, exact_top)})  # fmt: skip
-        found_at[("biencoder_rerank", budget)] = found
-        for share in ANCHOR_SHARES:
-            n_anchor = max(1, round(share * calls_budget))
-            rerank_k = calls_budget - n_anchor
-            for strategy in ("random", "kmeans"):
-                if strategy == "random":
-                    anchor_ids = np.sort(np.random.default_rng(0).choice(n, n_anchor, replace=False))
-                else:
-                    if n_anchor not in kmeans_cache:
-                        kmeans_cache[n_anchor] = kmeans_anchor_ids(item_emb, n_anchor, seed=0)
-                    anchor_ids = kmeans_cache[n_anchor]
-                for n_queries in anchor_query_counts:  # the first |V| of the scored anchor queries
-                    found, calls = evaluate_cur(exact, anchors_r[:n_queries], anchor_ids, rerank_k, max(KS))
-                    rows.append({"method": f"cur_{strategy}", "budget": budget, "calls": calls,
-                                 "anchor_items": n_anchor, "rerank_k": rerank_k, "anchor_queries": n_queries,
-                                 **_overlaps(found, exact_top)})  # fmt: skip
-                    found_at[(f"cur_{strategy}", budget, n_anchor, n_queries)] = found
-                    print(rows[-1], flush=True)
-    return rows, found_at
+def _sweep(evaluate, calls: int, rounds_options: tuple[int, ...]) -> dict[str, Any]:
+    """Mean dev top-10 over the draws for every (strategy, share, rounds), each axis extended while its best value
+    is at an end of it: shares halved below the smallest (while that changes the anchor count) or moved half way
+    to 1 above the largest (while rounds are left to re-rank), rounds doubled above the largest (up to
+    ``MAX_ROUNDS``). adaCUR's rounds start at 2: one round is ANNCUR."""
+    grid: dict[tuple, dict] = {}
+    shares, rounds_options = list(ANCHOR_SHARES), list(rounds_options)
+    while True:
+        for strategy in STRATEGIES:
+            for share in shares:
+                for rounds in rounds_options:
+                    if (strategy, share, rounds) in grid:
+                        continue
+                    runs = [evaluate.cur(calls, strategy, share, rounds, draw) for draw in DRAWS]
+                    if runs[0] is not None:
+                        grid[(strategy, share, rounds)] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        best = max(grid, key=lambda key: (grid[key]["top10"], -key[1], -key[2]))
+        grown = False
+        low, high = min(shares), max(shares)
+        if best[1] == low and _n_anchor(low / 2, calls) < _n_anchor(low, calls):
+            shares.append(low / 2)
+            grown = True
+        up = _n_anchor((1 + high) / 2, calls)
+        if best[1] == high and calls - up >= best[2] and up > _n_anchor(high, calls):
+            shares.append((1 + high) / 2)
+            grown = True
+        if len(rounds_options) > 1 and best[2] == max(rounds_options) and 2 * best[2] <= MAX_ROUNDS:
+            rounds_options.append(2 * best[2])
+            grown = True
+        if not grown:
+            break
+    strategy, share, rounds = best
+    return {"strategy": strategy, "share": share, "rounds": rounds, "dev_top10": grid[best]["top10"],
+            "share_sweep": choose({s: grid[(strategy, s, rounds)]["top10"] for s in shares
+                                   if (strategy, s, rounds) in grid}),
+            "rounds_sweep": choose({r: grid[(strategy, share, r)]["top10"] for r in rounds_options
+                                    if (strategy, share, r) in grid}),
+            "grid": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in grid.items()}}  # fmt: skip
 
 
-def diagnostics(exact: np.ndarray, similarity: np.ndarray, found_at: dict, rows: list[dict]) -> dict:
-    """What the exact top-10 lists look like (how many slots the most frequent items hold: the cross-encoder's own
-    hubs), and the 10% budget's top-10 overlaps split by whether a query has a paraphrase among the items (its
-    nearest item by bi-encoder cosine >= PARAPHRASE_COSINE)."""
-    top10 = _top(exact, 10)
-    _, counts = np.unique(top10, return_counts=True)
-    paraphrase = similarity.max(axis=1) >= PARAPHRASE_COSINE
-    best = max((r for r in rows if r["budget"] == 0.10 and r["method"].startswith("cur_")), key=lambda r: r["top10"])
-    methods = {"biencoder_rerank": found_at[("biencoder_rerank", 0.10)],
-               "cur_best": found_at[(best["method"], 0.10, best["anchor_items"], best["anchor_queries"])]}  # fmt: skip
-    split = {}
-    for name, mask in (("with_paraphrase", paraphrase), ("without_paraphrase", ~paraphrase)):
-        queries = np.flatnonzero(mask)
-        split[name] = {"n_queries": len(queries), **{m: float(np.mean([len(set(found[q][:10]) & set(top10[q]))
-                       / 10 for q in queries])) if len(queries) else None for m, found in methods.items()}}  # fmt: skip
-    return {"exact_top10_distinct_items": len(counts),
-            "exact_top10_slots_held_by_20_most_frequent": float(np.sort(counts)[::-1][:20].sum() / top10.size),
-            "paraphrase_cosine": PARAPHRASE_COSINE, "top10_overlap_at_10pct_by_query_kind": split}  # fmt: skip
+def evaluate(dev: Evaluator, test: Evaluator) -> tuple[list[dict], dict]:
+    """At every budget: dev chooses each method's setting, the test queries are run once per draw at it."""
+    n = len(dev.items)
+    rows, chosen = [], {}
+    for budget in tqdm(BUDGETS, desc="budgets"):
+        calls = max(2, round(budget * n))
+        rows.append({"method": "biencoder", "budget": budget, "calls": calls, "split": "test", **test.biencoder(calls)})
+        rows.append({"method": "biencoder", "budget": budget, "calls": calls, "split": "dev", **dev.biencoder(calls)})
+        for method, rounds_options in (("anncur", (1,)), ("adacur", ROUNDS)):
+            pick = _sweep(dev, calls, rounds_options)
+            chosen[f"{method}_{budget:.2f}"] = {k: pick[k] for k in ("strategy", "share", "rounds", "dev_top10")}
+            for draw in DRAWS:
+                result = test.cur(calls, pick["strategy"], pick["share"], pick["rounds"], draw)
+                rows.append({"method": method, "budget": budget, "calls": calls, "split": "test", "draw": draw,
+                             "strategy": pick["strategy"], "share": pick["share"], "rounds": pick["rounds"],
+                             **result})  # fmt: skip
+            rows.append({"method": method, "budget": budget, "calls": calls, "split": "dev_sweep", **pick})
+            print(f"{budget:.0%} {method}: dev chose {chosen[f'{method}_{budget:.2f}']}", flush=True)
+    return rows, chosen
+
+
+def anchor_query_curve(dev: Evaluator, chosen: dict) -> dict:
+    """Dev top-10 at the 10% budget with 25 / 50 / 100% of the anchor queries (ANNCUR at its chosen setting)."""
+    pick = chosen["anncur_0.10"]
+    calls = max(2, round(0.10 * len(dev.items)))
+    out = {}
+    for share in ANCHOR_QUERY_SHARES:
+        count = max(1, round(share * len(dev.anchors_r)))
+        runs = [dev.cur(calls, pick["strategy"], pick["share"], 1, draw, count) for draw in DRAWS]
+        out[str(count)] = float(np.mean([r["top10"] for r in runs]))
+    return out
 
 
 def summarize(data: dict) -> dict:
-    rows = data["rows"]
-    at = [r for r in rows if r["budget"] == 0.10]
-    cur = [r for r in at if r["method"].startswith("cur_")]
-    best = max(cur, key=lambda r: r["top10"]) if cur else None
-    bi = next((r for r in at if r["method"] == "biencoder_rerank"), None)
-    summary = {"budget_fraction": 0.10, "n_items": data["config"]["n_items"],
-               "n_test_queries": data["config"]["n_test_queries"]}  # fmt: skip
-    if best:
-        summary.update({"cur_top10_overlap": best["top10"], "cur_best_config": {k: best[k] for k in ("method",
-                        "anchor_items", "rerank_k", "calls")}})  # fmt: skip
-    if bi:
-        summary["biencoder_top10_overlap"] = bi["top10"]
-    if cur:
-        summary["cur_worst_config_top10_overlap"] = min(r["top10"] for r in cur)
+    rows = [r for r in data["rows"] if r["split"] == "test"]
+    config = data["config"]
+    summary: dict[str, Any] = {"n_items": config["n_items"], "n_test_queries": config["n_test_queries"],
+                               "n_dev_queries": config["n_dev_queries"], "anchor_draws": len(DRAWS)}  # fmt: skip
+    per_draw: dict[tuple, dict] = {}
+    for budget in BUDGETS:
+        pct = f"{round(100 * budget)}pct"
+        for method in ("anncur", "adacur", "biencoder"):
+            cells = [r for r in rows if r["method"] == method and r["budget"] == budget]
+            if not cells:
+                continue
+            for k in (1, 10, 50):
+                stats = mean_std(r[f"top{k}"] for r in cells)
+                summary[f"{method}_top{k}_overlap_{pct}"] = stats["mean"]
+                if method != "biencoder":
+                    summary[f"{method}_top{k}_overlap_{pct}_std"] = stats["std"]
+            per_draw[(method, budget)] = {r.get("draw", 0): r["top10"] for r in cells}
+        if ("anncur", budget) in per_draw and ("adacur", budget) in per_draw:
+            diff = paired(per_draw[("adacur", budget)], per_draw[("anncur", budget)])
+            summary[f"adacur_minus_anncur_top10_{pct}"] = diff["mean"]
+            summary[f"adacur_minus_anncur_top10_{pct}_paired"] = {k: diff[k] for k in ("std", "n", "agree")}
+    summary["dev_chosen"] = data["protocol"]["chosen"]
     return summary
 
 
@@ -242,45 +263,103 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KS) + 1, figsize=(6 * (len(KS) + 1), 4.5))
-    for ax, k in zip(axes, KS, strict=False):
-        methods = sorted({r["method"] for r in data["rows"]})
-        for method in methods:
-            best = {}
-            for r in data["rows"]:
-                if r["method"] == method:
-                    best[r["budget"]] = max(best.get(r["budget"], 0.0), r[f"top{k}"])
-            ax.plot([100 * b for b in best], list(best.values()), "o-", label=method)
+    fig, axes = plt.subplots(1, len(KS), figsize=(6 * len(KS), 4.5))
+    rows = [r for r in data["rows"] if r["split"] == "test"]
+    for ax, k in zip(axes, KS, strict=True):
+        for method in ("adacur", "anncur", "biencoder"):
+            points = []
+            for budget in BUDGETS:
+                cells = [r[f"top{k}"] for r in rows if r["method"] == method and r["budget"] == budget]
+                if cells:
+                    spread = float(np.std(cells, ddof=1)) if len(cells) > 1 else 0.0
+                    points.append((100 * budget, float(np.mean(cells)), spread))
+            if points:
+                x, y, e = zip(*points, strict=True)
+                ax.errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=method)
         ax.set_xlabel("cross-encoder calls per query (% of corpus)")
-        ax.set_title(f"top-{k} overlap with the exact cross-encoder")
+        ax.set_title(f"top-{k} overlap with the exact cross-encoder (test)")
         ax.legend()
-    ax = axes[-1]  # |V| at the 10% budget, the best split of it for each anchor strategy
-    for method in ("cur_random", "cur_kmeans"):
-        best: dict[int, float] = {}
-        for r in data["rows"]:
-            if r["method"] == method and r["budget"] == 0.10:
-                best[r["anchor_queries"]] = max(best.get(r["anchor_queries"], 0.0), r["top10"])
-        ax.plot(sorted(best), [best[v] for v in sorted(best)], "o-", label=method)
-    bi = [r["top10"] for r in data["rows"] if r["method"] == "biencoder_rerank" and r["budget"] == 0.10]
-    if bi:
-        ax.axhline(bi[0], color="grey", linestyle="--", label="biencoder_rerank")
-    ax.set_xlabel("anchor queries |V|")
-    ax.set_title("top-10 overlap at 10% of the corpus in calls")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def table(data: dict) -> str:
-    lines = ["| calls per query | bi-encoder + re-rank | CUR random (best split) | CUR k-means (best split) |",
-             "|---|---|---|---|"]  # fmt: skip
+    s = data["summary"]
+    lines = ["| calls per query | bi-encoder + re-rank | ANNCUR | adaCUR | adaCUR - ANNCUR (paired) | top-1 error "
+             "ANNCUR / adaCUR |", "|---|---|---|---|---|---|"]  # fmt: skip
     for budget in BUDGETS:
-        cells = []
-        for method in ("biencoder_rerank", "cur_random", "cur_kmeans"):
-            rows = [r for r in data["rows"] if r["budget"] == budget and r["method"] == method]
-            cells.append(f"{max(r['top10'] for r in rows):.3f}" if rows else "n/a")
-        lines.append(f"| {budget:.0%} of {data['config']['n_items']} | " + " | ".join(cells) + " |")
+        pct = f"{round(100 * budget)}pct"
+        if f"anncur_top10_overlap_{pct}" not in s:
+            continue
+        p = s[f"adacur_minus_anncur_top10_{pct}_paired"]
+        lines.append(
+            f"| {budget:.0%} of {s['n_items']} | {s[f'biencoder_top10_overlap_{pct}']:.3f} | "
+            f"{s[f'anncur_top10_overlap_{pct}']:.3f} ± {s[f'anncur_top10_overlap_{pct}_std']:.3f} | "
+            f"{s[f'adacur_top10_overlap_{pct}']:.3f} ± {s[f'adacur_top10_overlap_{pct}_std']:.3f} | "
+            f"{s[f'adacur_minus_anncur_top10_{pct}']:+.3f}, {p['agree']} of {p['n']} draws | "
+            f"{1 - s[f'anncur_top1_overlap_{pct}']:.3f} / {1 - s[f'adacur_top1_overlap_{pct}']:.3f} |"
+        )
     return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cross_encoder", default=None)
+    parser.add_argument("--n_test_queries", type=int, default=100)
+    parser.add_argument("--n_dev_queries", type=int, default=50)
+    parser.add_argument("--n_anchor_queries", type=int, default=150)
+    parser.add_argument("--n_items", type=int, default=5000,
+                        help="items drawn at random (seed 0) from STS-B train + dev; 0 = all")  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the cross-encoder's weights and activations (every score uses it)")  # fmt: skip
+    parser.add_argument("--cache_dir", type=Path, default=cache_dir() / "cur_bench")
+    parser.add_argument("--output", type=Path, default=RESULTS / "cur_recall.json")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.output.read_text())))
+        return
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    items, pool = corpus()
+    if args.n_items < 0 or args.n_items > len(items):
+        parser.error(f"--n_items must be in [0, {len(items)}] (0 = all), got {args.n_items}")
+    if args.n_items:
+        items = [items[i] for i in sorted(random.Random(0).sample(range(len(items)), args.n_items))]
+    random.Random(0).shuffle(pool)
+    test_queries = pool[: args.n_test_queries]
+    dev_queries = pool[args.n_test_queries : args.n_test_queries + args.n_dev_queries]
+    anchor_queries = random.Random(1).sample(items, args.n_anchor_queries)  # items: never a dev or test query
+    path = args.cross_encoder or str(train_cross_encoder(args.cache_dir / "cross_encoder"))
+    cross_encoder = CrossEncoder(path, num_labels=1, activation_fn=torch.nn.Identity())
+    cross_encoder.model.to(getattr(torch, args.dtype))
+    rows_dir = args.cache_dir / f"rows_{args.dtype}"
+    scores = {}
+    for name, queries in (("test", test_queries), ("dev", dev_queries), ("anchor", anchor_queries)):
+        print(f"exact scores: {len(queries)} {name} queries x {len(items)} items", flush=True)
+        scores[name] = score_anchor_matrix(cross_encoder, queries, items, batch_size=args.batch_size,
+                                           checkpoint_dir=rows_dir, identity=path)  # fmt: skip
+    bi = SentenceTransformer(str(minilm_path()))
+    item_emb = bi.encode(items, batch_size=256, normalize_embeddings=True, show_progress_bar=True)
+    sims = {name: bi.encode(q, batch_size=256, normalize_embeddings=True) @ item_emb.T
+            for name, q in (("test", test_queries), ("dev", dev_queries))}  # fmt: skip
+    dev = Evaluator(items, dev_queries, scores["dev"], anchor_queries, scores["anchor"], item_emb, sims["dev"])
+    test = Evaluator(items, test_queries, scores["test"], anchor_queries, scores["anchor"], item_emb, sims["test"])
+    rows, chosen = evaluate(dev, test)
+    data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries), "n_dev_queries": len(dev_queries),
+                       "n_anchor_queries": len(anchor_queries), "cross_encoder": path, "dtype": args.dtype,
+                       "scores": "logits", "budgets": BUDGETS, "anchor_shares": ANCHOR_SHARES, "rounds": ROUNDS,
+                       "strategies": STRATEGIES, "draws": DRAWS}, "rows": rows}  # fmt: skip
+    data["protocol"] = protocol(
+        selection_split=f"{len(dev_queries)} dev queries (STS-B test sentences, disjoint from the test queries)",
+        test_split=f"{len(test_queries)} STS-B test queries, once per anchor draw at each dev-chosen setting",
+        chosen=chosen, seeds=DRAWS,
+    )  # fmt: skip
+    data["diagnostics"] = {"dev_top10_at_10pct_by_anchor_queries": anchor_query_curve(dev, chosen)}
+    save_results(args.output, data, summarize)
+    plot(data, args.output.with_suffix(".png"))
+    print(table(data))
 
 
 if __name__ == "__main__":

@@ -313,7 +313,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
 
         Args:
             queries (`list[str]`): the queries.
-            top_k (`int`, *optional*, defaults to `10`): hits per query.
+            top_k (`int`, *optional*, defaults to `10`): hits per query, at most ``|U| + rerank_k``.
             rerank_k (`int`, *optional*, defaults to `100`): exact calls beyond the anchor items.
             rounds (`int`, *optional*, defaults to `1`): rounds to spend them in, at most ``rerank_k``.
             cross_encoder (*optional*): the scorer, when the index does not hold one.
@@ -324,8 +324,10 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         """
         queries = _check_items(queries, "queries")
         cross_encoder = self._cross_encoder(cross_encoder)
-        if top_k < 1 or rerank_k < top_k:
-            raise ValueError(f"Need 1 <= top_k <= rerank_k, got top_k={top_k}, rerank_k={rerank_k}.")
+        scored = len(self.anchor_item_ids) + rerank_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= scored:
+            raise ValueError(f"`top_k` must be an int in [1, |U| + rerank_k = {scored}] (the items scored exactly), "
+                             f"got {top_k!r}.")  # fmt: skip
         others = len(self.items) - len(self.anchor_item_ids)
         if rerank_k > others:
             raise ValueError(f"`rerank_k` ({rerank_k}) exceeds the {others} items that are not anchor items: pass at "
@@ -347,8 +349,7 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
             for r, size in enumerate(sizes):
                 if r > 0:  # re-solve from every item scored so far
                     approx = self._resolve(exact)
-                order = np.argsort(-approx, kind="stable")
-                todo = order[unscored[order]][:size].tolist()  # the best approximations not scored yet
+                todo = best_unscored(approx, unscored, size).tolist()  # the best approximations not scored yet
                 exact.update(zip(todo, score_pairs(cross_encoder, [(query, self.items[i]) for i in todo], batch_size),
                                  strict=True))  # fmt: skip
                 unscored[todo] = False
@@ -464,6 +465,19 @@ def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     for start in range(0, matrix.shape[1], COLUMN_CHUNK):
         out[start : start + COLUMN_CHUNK] = vector @ np.asarray(matrix[:, start : start + COLUMN_CHUNK], np.float64)
     return out
+
+
+def best_unscored(approx: np.ndarray, unscored: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` items with the highest ``approx`` among ``unscored``, best first, ties by lower index: what a
+    stable sort of all ``N`` gives, from a partition and a sort of the candidates at or above the cut."""
+    values = np.where(unscored, approx, -np.inf)
+    if size >= len(values):
+        candidates = np.arange(len(values))
+    else:
+        cut = np.partition(values, len(values) - size)[len(values) - size]  # the size-th largest
+        candidates = np.flatnonzero(values >= cut)  # every tie at the cut included
+    candidates = candidates[unscored[candidates]]
+    return candidates[np.lexsort((candidates, -approx[candidates]))][:size]
 
 
 def _all_finite(matrix: np.ndarray) -> bool:

@@ -96,15 +96,27 @@ def _check_ranks_agree(what: dict[str, str]) -> None:
                                  f"cross-encoder weights.")  # fmt: skip
 
 
+# Bytes per all-gather call: gloo moves one 160 MB tensor ~10x slower than the same bytes in 8 MiB pieces.
+GATHER_CHUNK_BYTES = 1 << 23
+
+
 def _all_gather_columns(local: np.ndarray, widths: list[int]) -> np.ndarray:
-    """Concatenate every rank's ``(rows, width_r)`` float64 block along the columns, in rank order."""
+    """Concatenate every rank's ``(rows, width_r)`` float64 block along the columns, in rank order (a few rows per
+    all-gather call)."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     widest = max(widths)
-    padded = torch.zeros((local.shape[0], widest), dtype=torch.float64, device=device)
-    padded[:, : local.shape[1]] = torch.from_numpy(local).to(device)
-    buffers = [torch.empty_like(padded) for _ in widths]
-    dist.all_gather(buffers, padded)
-    return np.concatenate([b[:, :w].cpu().numpy() for b, w in zip(buffers, widths, strict=True)], axis=1)
+    out = np.empty((local.shape[0], sum(widths)))
+    step = max(1, GATHER_CHUNK_BYTES // (8 * widest))
+    offsets = np.cumsum([0, *widths])
+    for start in range(0, local.shape[0], step):
+        rows = local[start : start + step]
+        padded = torch.zeros((rows.shape[0], widest), dtype=torch.float64, device=device)
+        padded[:, : rows.shape[1]] = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        buffers = [torch.empty_like(padded) for _ in widths]
+        dist.all_gather(buffers, padded)
+        for rank, (buffer, width) in enumerate(zip(buffers, widths, strict=True)):
+            out[start : start + rows.shape[0], offsets[rank] : offsets[rank] + width] = buffer[:, :width].cpu().numpy()
+    return out
 
 
 def score_anchor_matrix(

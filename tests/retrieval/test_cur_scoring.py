@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hf_ext.retrieval import CURIndex
+from hf_ext.retrieval import CURIndex, cur_scoring
 from hf_ext.retrieval import cur as cur_module
 from hf_ext.retrieval.cur_scoring import item_blocks, rank_blocks, score_anchor_matrix
 from hf_ext.retrieval.memmap import memmap_safetensors
@@ -105,6 +105,8 @@ def _build_on_ranks(rank: int, world_size: int, strategies: tuple[str, ...], che
         except ValueError as error:
             results.append(str(error))
     for strategy in strategies:
+        if strategy == "kmeans":  # and the all-gather in many pieces of a few rows (the last one shorter)
+            cur_scoring.GATHER_CHUNK_BYTES = 8 * 32 * 5
         scorer = HashScorer()
         index = _build(scorer, anchor_strategy=strategy, embedder=scorer, checkpoint_dir=checkpoint_dir)
         results.append({**_arrays(index), "pairs_scored": scorer.calls})
@@ -211,3 +213,25 @@ def test_an_index_past_float16_is_refused_slice_by_slice(monkeypatch) -> None:
     monkeypatch.setattr(cur_module, "COLUMN_CHUNK", 4)  # the overflow sits in the last slice
     with pytest.raises(ValueError, match="overflows float16"):
         CURIndex(ITEMS[:10], np.array([0, 1]), np.zeros((2, 10)), QUERIES[:2], anchor_scores=scores)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_unscored_is_what_a_stable_sort_of_every_item_gives(seed) -> None:
+    rng = np.random.default_rng(seed)
+    approx = rng.integers(0, 6, size=200).astype(np.float64)  # many ties
+    unscored = rng.random(200) > 0.3
+    order = np.argsort(-approx, kind="stable")
+    for size in (1, 7, 50, int(unscored.sum()), 300):
+        want = order[unscored[order]][:size]
+        np.testing.assert_array_equal(cur_module.best_unscored(approx, unscored, size), want)
+
+
+def test_top_k_may_take_every_exactly_scored_item_and_no_more() -> None:
+    index = _build(HashScorer())  # 8 anchor items
+    hits, calls = index.search(QUERIES[:2], top_k=8 + 3, rerank_k=3, cross_encoder=HashScorer())
+    assert calls == [11, 11] and all(len(h) == 11 for h in hits)  # anchors and candidates, all exact
+    assert {h["corpus_id"] for h in hits[0]} >= set(index.anchor_item_ids.tolist())
+    assert [h["score"] for h in hits[0]] == sorted((h["score"] for h in hits[0]), reverse=True)
+    for top_k in (0, 12, 2.5, True):
+        with pytest.raises(ValueError, match=r"`top_k` must be an int in \[1, \|U\| \+ rerank_k = 11\]"):
+            index.search(QUERIES[:1], top_k=top_k, rerank_k=3, cross_encoder=HashScorer())
