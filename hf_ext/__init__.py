@@ -28,7 +28,7 @@ from .assets import (
 )
 from .data import BucketPadCollator, default_buckets
 from .distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
-from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, tvd_loss
+from .losses import CachedCoSENTLoss, CoSENTLoss, CrossEncoderCoSENTLoss, cosent_loss, linear_tvd_loss, tvd_loss
 from .optim import ProjectedAdamW, StepInBackward, create_projected_optimizer, estimate_training_memory
 from .retrieval import CURIndex
 from .trainers import RecompileCounter, TVDConfig, TVDTrainer, tvd_compute_loss_func
@@ -61,6 +61,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_distributed",
+    "linear_tvd_loss",
     "load_bbc_news",
     "load_stsb",
     "minilm_path",

@@ -49,6 +49,14 @@ class TVDConfig(TrainingArguments):
     tvd_gamma_start: float = field(
         default=0.0, metadata={"help": "Gamma at step 0 under the `linear` schedule, in [0, 1]."}
     )
+    tvd_fused_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Causal LM only: compute the loss from the last hidden states and the LM head in chunks "
+            "(`linear_tvd_loss`) instead of from the full logits, whose tokens x vocab floats and their gradient "
+            "then never exist. The model's outputs keep only the last position's logits."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +66,9 @@ class TVDConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
         if not isinstance(self.tvd_min_weight, (int, float)) or not 0.0 <= self.tvd_min_weight <= 1.0:
             raise ValueError(f"`tvd_min_weight` must be a number in [0, 1], got {self.tvd_min_weight!r}.")
+        if self.tvd_fused_lm_head and self.label_smoothing_factor > 0:
+            raise ValueError("`tvd_fused_lm_head` does not support `label_smoothing_factor` > 0 (the smoothing term "
+                             "needs every logit); set one of them off.")  # fmt: skip
         if self.tvd_gamma_schedule not in TVD_GAMMA_SCHEDULES:
             raise ValueError(
                 f"`tvd_gamma_schedule` must be one of {TVD_GAMMA_SCHEDULES}, got {self.tvd_gamma_schedule!r}."

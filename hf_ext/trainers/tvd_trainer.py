@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from hf_ext.losses.tvd import tvd_loss
+from hf_ext.losses.tvd_fused import linear_tvd_loss
 from hf_ext.trainers.tvd_config import TVDConfig
 
 __all__ = ["TVDTrainer", "tvd_compute_loss_func"]
@@ -106,6 +108,47 @@ def tvd_compute_loss_func(
     return compute_loss_func
 
 
+# Config attributes that change the logits after the LM head; the fused path computes ``h W^T + b`` only.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")  # fmt: skip
+
+
+def _check_fused_lm_head(model: nn.Module, causal_lm: bool) -> None:
+    """Refuse, at construction, what `tvd_fused_lm_head` would compute wrongly."""
+    base = _base_model(model)
+    if not causal_lm:
+        raise ValueError(f"`tvd_fused_lm_head` needs a causal LM (its logits are `lm_head(hidden_states)`), got "
+                         f"{base._get_name()}.")  # fmt: skip
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(f"`tvd_fused_lm_head` needs the LM head to be a plain `nn.Linear`, got {type(head).__name__} "
+                         "(an adapter or wrapper on the head would be skipped); train without it.")  # fmt: skip
+    config = base.config.get_text_config()
+    transforms = {name: getattr(config, name) for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in
+                  (None, 1.0)}  # fmt: skip
+    if transforms:
+        raise ValueError(f"`tvd_fused_lm_head` computes `lm_head(hidden_states)` as the logits, but this model "
+                         f"transforms them further ({transforms}); train without it.")  # fmt: skip
+
+
+def _forward_to_hidden_states(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+    """Run ``model`` (through its DDP / peft wrappers) with the LM head on the last position only, and return its
+    outputs and the decoder's last hidden states (after the final norm), caught by a forward hook."""
+    caught: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        caught.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = _base_model(model).get_decoder().register_forward_hook(hook)
+    try:
+        outputs = model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"`tvd_fused_lm_head`: the decoder ran {len(caught)} times in one forward, expected once.")
+    return outputs, caught[0]
+
+
 class TVDTrainer(Trainer):
     """A `Trainer` that trains with the TVD (TaiLr) loss instead of cross-entropy.
 
@@ -113,11 +156,14 @@ class TVDTrainer(Trainer):
     model's own loss) and seq2seq / token classification (labels aligned with the logits), with ``-100`` ignored.
     The loss is always normalised by the number of targets of the whole optimizer step (all gradient-accumulation
     micro-batches, and all processes when ``average_tokens_across_devices``), so accumulation and multi-GPU give
-    the update of one big batch. Logs ``tvd_gamma`` (the scheduled value) and ``tvd_weight_mean``.
+    the update of one big batch. Logs ``tvd_gamma`` (the scheduled value) and ``tvd_weight_mean``. With
+    ``tvd_fused_lm_head`` (causal LM) the loss comes from the final hidden states and the LM head in chunks
+    (`linear_tvd_loss`): the same update without the tokens x vocab logits in memory.
 
     Args:
         args (`TVDConfig`): the training arguments with the TVD settings (``tvd_gamma``, ``tvd_min_weight``,
-            ``tvd_gamma_schedule``, ``tvd_gamma_start``); ``label_smoothing_factor`` is honoured.
+            ``tvd_gamma_schedule``, ``tvd_gamma_start``, ``tvd_fused_lm_head``); ``label_smoothing_factor`` is
+            honoured.
         **kwargs: everything `Trainer` takes. ``compute_loss_func`` is refused (the loss is this trainer's job).
 
     Example:
@@ -155,6 +201,8 @@ class TVDTrainer(Trainer):
         # receives loss kwargs: compute_loss calls it without labels.
         self.model_accepts_loss_kwargs = True
         self._tvd_shift = _is_causal_lm(self.model)
+        if args.tvd_fused_lm_head:
+            _check_fused_lm_head(self.model, self._tvd_shift)
         self._tvd_weight_sum = torch.zeros(())
         self._tvd_weight_count = 0
 
@@ -188,18 +236,35 @@ class TVDTrainer(Trainer):
         if labels is None:
             raise ValueError("TVDTrainer needs `labels` in every batch (class ids or token ids, -100 to ignore).")
         _add_decoder_inputs(model, inputs, labels)
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        logits, targets = _align(logits, labels, self._tvd_shift and logits.dim() == 3)
-        loss, weight_mean = tvd_loss(
-            logits,
-            targets,
-            gamma=self.tvd_gamma,
-            min_weight=self.args.tvd_min_weight,
-            label_smoothing=self.args.label_smoothing_factor,
-            num_items_in_batch=num_items_in_batch,
-            return_weight_mean=True,
-        )
+        if self.args.tvd_fused_lm_head:
+            outputs, hidden = _forward_to_hidden_states(model, inputs)
+            head = _base_model(model).get_output_embeddings()
+            if isinstance(head.weight, DTensor):
+                raise ValueError("`tvd_fused_lm_head` does not run under FSDP2 yet (the LM head's weight is a sharded "
+                                 "DTensor); train without it.")  # fmt: skip
+            loss, weight_mean = linear_tvd_loss(
+                hidden,
+                head.weight,
+                _align(hidden, labels, shift=True)[1],
+                bias=head.bias,
+                gamma=self.tvd_gamma,
+                min_weight=self.args.tvd_min_weight,
+                num_items_in_batch=num_items_in_batch,
+                return_weight_mean=True,
+            )
+        else:
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            logits, targets = _align(logits, labels, self._tvd_shift and logits.dim() == 3)
+            loss, weight_mean = tvd_loss(
+                logits,
+                targets,
+                gamma=self.tvd_gamma,
+                min_weight=self.args.tvd_min_weight,
+                label_smoothing=self.args.label_smoothing_factor,
+                num_items_in_batch=num_items_in_batch,
+                return_weight_mean=True,
+            )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch counts the targets of every process; DDP averages the gradients over processes.
             loss = loss * self.accelerator.num_processes
