@@ -49,7 +49,9 @@ and the next one runs. Estimates for the H200 and how they were made (FLOP count
    rows ~5-10 s: estimate 60 s.
 5. ``losses``: CoSENT at B = 64k makes 4.3e9-entry B x B matrices in the matrix form (~10 passes over 17 GB, ~0.1 s
    a pass forward + backward); TVD / cross-entropy at 16k x 128k logits (2.1e9 entries, a few passes over 4-8 GB,
-   ~50 ms): with repeats and the memory runs, estimate 20 s.
+   ~50 ms); the LM loss from 16k bf16 hidden states of width 4,096 through a 128k-word head (`linear_tvd_loss`, the
+   full logits with `tvd_loss`, TRL's fused head when TRL is installed: ~26 TFLOP a call, ~0.1 s): with repeats and
+   the memory runs, estimate 20 s.
 
 With ``--tiny`` every part runs tiny shapes (2-layer models, N = 2,000, B <= 1,024, 4,096 x 1,000 logits): about a
 minute on one busy CPU core, most of it dynamo tracing GPT-2 (3 graphs a shape: it has graph breaks), the other parts
@@ -110,7 +112,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                             "max_position_embeddings": 2048, "tie_word_embeddings": False},
         "projected_batch": (4, 512), "projected_rounds": 8, "projected_rank": 64,
         "knn_points": 1_000_000, "knn_dim": 384, "knn_k": 10, "knn_block": 2048,
-        "cosent_batches": [1024, 16384, 65536], "tvd_tokens": 16384, "tvd_vocab": 128256, "loss_repeats": 3,
+        "cosent_batches": [1024, 16384, 65536], "tvd_tokens": 16384, "tvd_vocab": 128256, "tvd_hidden": 4096,
+        "loss_repeats": 3,
     },
     "tiny": {
         "throughput_args": ["--tiny", "--steps", "12", "--dynamo_backend", "eager"],
@@ -124,7 +127,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                             "max_position_embeddings": 256, "tie_word_embeddings": False},
         "projected_batch": (2, 32), "projected_rounds": 2, "projected_rank": 8,
         "knn_points": 2000, "knn_dim": 384, "knn_k": 10, "knn_block": 512,
-        "cosent_batches": [64, 256, 1024], "tvd_tokens": 4096, "tvd_vocab": 1000, "loss_repeats": 1,
+        "cosent_batches": [64, 256, 1024], "tvd_tokens": 4096, "tvd_vocab": 1000, "tvd_hidden": 64, "loss_repeats": 1,
     },
 }
 # fmt: on
@@ -499,7 +502,49 @@ def part_losses(shapes: dict, device: str, deadline: float | None) -> dict:
         result["tvd"] = {"tokens": tokens, "vocab": vocab, "logits_dtype": "bfloat16", "gamma": 0.5, **runs,
                          "gamma0_vs_cross_entropy_relative_difference": abs(tvd0 - ce) / abs(ce)}  # fmt: skip
         print(f"[losses] tvd: {result['tvd']}", flush=True)
+        del logits
+    if not _past(deadline):
+        result["tvd_hidden"] = _hidden_state_losses(shapes, device, repeats)
+        print(f"[losses] tvd from hidden states: {result['tvd_hidden']}", flush=True)
     return result
+
+
+def _hidden_state_losses(shapes: dict, device: str, repeats: int) -> dict[str, Any]:
+    """The LM loss from bf16 hidden states and a Llama-3-sized head, both needing gradients: the full logits with
+    `tvd_loss`, `linear_tvd_loss`, and TRL's fused LM head kernel when TRL is installed (its Triton path on a GPU)."""
+    from hf_ext.losses import linear_tvd_loss, tvd_loss
+
+    tokens, vocab, width = shapes["tvd_tokens"], shapes["tvd_vocab"], shapes["tvd_hidden"]
+    hidden = randn((tokens, width), 2, device, torch.bfloat16).requires_grad_(True)
+    weight = (randn((vocab, width), 3, device, torch.bfloat16) / width**0.5).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4)).to(device)
+
+    def fresh(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            weight.grad = None  # the head's gradient is part of the work, not carried between calls
+            return fn()
+
+        return call
+
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "linear_tvd_loss": lambda: linear_tvd_loss(hidden, weight, labels, gamma=0.5, min_weight=0.2),
+        "full_logits_tvd_loss": lambda: tvd_loss(hidden @ weight.T, labels, gamma=0.5, min_weight=0.2),
+    }
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        def trl_nll() -> torch.Tensor:
+            args = (hidden, weight, None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))
+            return -ChunkedLogProbFunction.apply(*args)[0].mean()
+
+        methods["trl_fused_nll"] = trl_nll
+    except ImportError:
+        pass
+    runs = {name: _measure(fresh(fn), hidden, device, repeats) for name, fn in methods.items()}
+    _compare(runs, "full_logits_tvd_loss")
+    return {"tokens": tokens, "vocab": vocab, "hidden": width, "dtype": "bfloat16", "trl": "trl_fused_nll" in runs,
+            **runs}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- the suite
@@ -543,6 +588,13 @@ def summarize(data: dict) -> dict:
     tvd, ce = _get(parts, "losses", "tvd", "tvd_loss"), _get(parts, "losses", "tvd", "cross_entropy")
     if tvd and ce and "peak_bytes" in tvd and "peak_bytes" in ce:
         s["tvd_peak_mem_ratio_vs_ce"] = tvd["peak_bytes"] / ce["peak_bytes"]
+    fused, full = _get(parts, "losses", "tvd_hidden", "linear_tvd_loss"), _get(parts, "losses", "tvd_hidden",
+                                                                              "full_logits_tvd_loss")  # fmt: skip
+    if fused and full and "peak_bytes" in fused and "peak_bytes" in full:
+        s["linear_tvd_peak_mem_ratio_vs_full_logits"] = fused["peak_bytes"] / full["peak_bytes"]
+    trl = _get(parts, "losses", "tvd_hidden", "trl_fused_nll")
+    if fused and trl and "peak_bytes" in fused and "peak_bytes" in trl:
+        s["linear_tvd_peak_mem_ratio_vs_trl_fused"] = fused["peak_bytes"] / trl["peak_bytes"]
     targets = {}
     for key, sign, target in TARGETS:
         if s.get(key) is not None:
@@ -669,6 +721,13 @@ def table(data: dict) -> str:
             if run:
                 cell = f"{run['seconds']:.4f} | {_mib(run['peak_bytes'])}" if "seconds" in run else f"{run['error']} |"
                 out.append(f"| TVD / CE | {tvd['tokens']:,} x {tvd['vocab']:,} | {name} | {cell} |")
+        hidden = losses.get("tvd_hidden", {})
+        for name in ("linear_tvd_loss", "full_logits_tvd_loss", "trl_fused_nll"):
+            run = hidden.get(name)
+            if run:
+                cell = f"{run['seconds']:.4f} | {_mib(run['peak_bytes'])}" if "seconds" in run else f"{run['error']} |"
+                size = f"{hidden['tokens']:,} x {hidden['hidden']:,} -> {hidden['vocab']:,}"
+                out.append(f"| LM loss from hidden states | {size} | {name} | {cell} |")
         out.append("")
     return "\n".join(out)
 

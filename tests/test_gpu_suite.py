@@ -107,6 +107,11 @@ def test_tiny_knn_and_losses_agree_with_their_references(tiny) -> None:
     tvd = parts["losses"]["tvd"]
     assert tvd["gamma0_vs_cross_entropy_relative_difference"] < 1e-4
     assert tvd["tvd_loss"]["peak_bytes"] < tvd["cross_entropy"]["peak_bytes"]
+    hidden = parts["losses"]["tvd_hidden"]
+    assert hidden["linear_tvd_loss"]["loss_relative_difference"] < 1e-3  # bf16 logits on the full-logits side
+    assert hidden["linear_tvd_loss"]["grad_max_difference_relative"] < 2e-2
+    assert hidden["linear_tvd_loss"]["peak_bytes"] < hidden["full_logits_tvd_loss"]["peak_bytes"]
+    assert hidden["trl"] and hidden["trl_fused_nll"]["peak_bytes"] > 0  # TRL is in the dev install
 
 
 def test_table_renders_every_section(tiny) -> None:

@@ -69,6 +69,8 @@ FIGURES = [
     _both("0.8582", "cosent_sts.json", "summary.bi_st_cosine_spearman", fixed(4)),
     _both("0.18", "pre_protocol/tvd_calibration.json", "summary.noise04_tvd0.5_ece", fixed(2)),
     _both("0.41", "pre_protocol/tvd_calibration.json", "summary.noise04_ce_ece", fixed(2)),
+    _both("338 MiB", "tvd_memory.json", "summary.linear_tvd_peak_mib", lambda v: f"{v:,.0f} MiB"),
+    _both("4,350 MiB", "tvd_memory.json", "summary.trl_nll_peak_mib", lambda v: f"{v:,.0f} MiB"),
     _both("0.70", "nbce_longcontext.json", "summary.n48_nbce_acc", fixed(2)),
     _both("0.73", "nbce_longcontext.json", "summary.n48_oracle_acc", fixed(2)),
     _both("0.31", "nbce_longcontext.json", "summary.n48_truncation_acc", fixed(2)),
