@@ -39,7 +39,7 @@ from transformers import LogitsProcessor
 
 from hf_ext import load_bbc_news
 from hf_ext.generation import NBCELogitsProcessor, nbce_batch, split_into_windows
-from hf_ext.generation.nbce_hub.custom_generate.generate import _dense, _nucleus_candidates
+from hf_ext.generation.nbce_hub.custom_generate.generate import _dense, _merge, _nucleus_candidates
 
 TASKS = ("multikey", "multivalue", "multiquery", "longdoc")
 DEV_SEED, TEST_SEED = 500_000, 600_000
@@ -159,8 +159,7 @@ class DivergenceNBCE(LogitsProcessor):
         self.chosen.append(chosen)
         rows = torch.tensor([0, chosen], device=scores.device)
         prior, pooled = _dense(values.index_select(0, rows), index.index_select(0, rows), logp.shape[-1])
-        combined = torch.where(torch.isfinite(prior), (1.0 + self.beta) * pooled - self.beta * prior, pooled)
-        token = combined.argmax()
+        token = _merge(prior, pooled, self.beta).argmax()
         return torch.full_like(scores, -torch.inf).index_fill_(1, token.view(1), 0.0)
 
 

@@ -69,8 +69,6 @@ from hf_ext import bbc_news_train_test_split, load_bbc_news, smollm2_path
 from hf_ext.generation import NBCEContextCache, nbce_generate
 from hf_ext.generation.nbce_hub.custom_generate.generate import (
     NBCELogitsProcessor,
-    _pool_local,
-    _top_p_mask_sorted,
     nbce_batch,
     nbce_combine,
 )
@@ -307,16 +305,26 @@ def icl(data: dict, out: Path, model, tokenizer, args) -> None:
 
 
 class FullSortNBCE(LogitsProcessor):
-    """The NBCE step by a full sort of every row (the nucleus as its definition reads), greedy, entropy pooling:
-    the reference the fast processor's tokens are checked against."""
+    """The NBCE step as its definition reads, written out here (no package code): every row's nucleus by a full sort,
+    entropy pooling over the nucleus renormalised, the context-free prior, greedy. The reference the fast
+    processor's tokens are checked against."""
 
     def __init__(self, beta: float = 0.25, eta: float = 0.1, top_p: float = 0.95) -> None:
         self.beta, self.eta, self.top_p, self.previous = beta, eta, top_p, None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = _top_p_mask_sorted(torch.log_softmax(scores.float(), dim=-1), self.top_p)
-        pooled, self.previous = _pool_local(logp[1:], "entropy", self.eta, self.previous)
-        merged = torch.where(torch.isfinite(logp[0]), (1 + self.beta) * pooled - self.beta * logp[0], pooled)
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (1 + contexts, vocab)
+        ordered, order = logp.sort(dim=-1, descending=True)
+        mass_before = ordered.exp().cumsum(dim=-1) - ordered.exp()  # a token stays while the mass before it < top_p
+        nucleus = torch.full_like(logp, -torch.inf).scatter(-1, order, ordered.masked_fill(mass_before >= self.top_p,
+                                                                                          -torch.inf))  # fmt: skip
+        q = torch.softmax(nucleus[1:].double(), dim=-1)  # each context's nucleus, renormalised
+        entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(dim=-1)
+        if self.previous is not None:
+            entropy[self.previous - 1] -= self.eta  # the previous step's context is favoured by eta
+        self.previous = int(entropy.argmin()) + 1
+        prior, pooled = nucleus[0], nucleus[self.previous]
+        merged = torch.where(torch.isfinite(prior), (1 + self.beta) * pooled - self.beta * prior, pooled)
         return torch.full_like(scores, -torch.inf).index_fill_(1, merged.argmax().view(1), 0.0)
 
 

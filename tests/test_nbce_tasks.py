@@ -72,3 +72,24 @@ def test_a_drawn_number_the_contexts_already_hold_is_replaced_and_others_are_kep
     assert _fresh(["1234", "5678"], ["nothing here", "x 12345 y"]) == ["1234", "5678"]
     replaced = _fresh(["2004", "5678"], ["In 2004 the club was sold."])
     assert replaced[0] != "2004" and replaced[1] == "5678" and len(replaced[0]) == 4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_written_out_full_sort_reference_picks_the_processors_tokens(seed) -> None:
+    """`FullSortNBCE` (the speed part's reference, no package code) and `NBCELogitsProcessor` (the nucleus from a
+    top-k) pick the same token at every step, on peaked and on flat rows (nuclei past the first candidates)."""
+    import torch
+    from nbce_longcontext import FullSortNBCE
+
+    from hf_ext.generation import NBCELogitsProcessor
+
+    generator = torch.Generator().manual_seed(seed)
+    reference, fast = FullSortNBCE(), NBCELogitsProcessor(beta=0.25)
+    ids = torch.arange(18).view(6, 3)  # distinct rows, as distinct contexts give
+    for step in range(12):
+        scale = 8.0 if step % 3 else 0.5  # every third step nearly flat: nuclei of thousands of tokens
+        scores = torch.randn((6, 2000), generator=generator) * scale
+        want, got = reference(ids, scores.clone()), fast(ids, scores.clone())
+        token = int(want[0].argmax())
+        assert bool(torch.isfinite(got[:, token]).all()) and int(got[0].argmax()) == token, step
+        ids = torch.cat([ids, torch.full((6, 1), token)], dim=1)

@@ -248,10 +248,13 @@ def nbce_combine(
             pooled, chosen = _pool_local(conditionals, pooling, eta, previous)
         else:
             pooled, chosen = _pool_sharded(conditionals, pooling, eta, previous, shard_offset, vocab)
-    merged = (1.0 + beta) * pooled - beta * prior
-    # Where the context-free prior excludes a token (outside its nucleus), use the pooled term alone.
-    combined = torch.where(torch.isfinite(prior), merged, pooled)
-    return combined, chosen
+    return _merge(prior, pooled, beta), chosen
+
+
+def _merge(prior: Tensor, pooled: Tensor, beta: float) -> Tensor:
+    """``(1 + beta) * pooled - beta * prior``; where the context-free prior excludes a token (outside its nucleus),
+    the pooled term alone."""
+    return torch.where(torch.isfinite(prior), (1.0 + beta) * pooled - beta * prior, pooled)
 
 
 class NBCELogitsProcessor(LogitsProcessor):
