@@ -64,6 +64,15 @@ class _TargetLogProbs(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def _normalise(total: Tensor, count: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+    """``total`` over the Trainer's ``num_items_in_batch`` (the whole step's targets) when given, else over this
+    call's ``count``. An all-ignored batch sums to exactly 0: dividing by max(denominator, 1) then returns 0, not
+    0/0 = NaN."""
+    if num_items_in_batch is None:
+        return total / count.clamp_min(1.0)
+    return total / torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device).clamp_min(1.0)
+
+
 def tvd_weights(target_logp: Tensor, gamma: float, min_weight: float = 0.0) -> Tensor:
     """``w = p / (gamma + (1 - gamma) p)`` clamped to ``[min_weight, 1]``, without gradient.
 
@@ -172,12 +181,7 @@ def tvd_loss(
             per_target = per_target - label_smoothing * mean_logp
         mask = counted.to(per_target.dtype)
         total = (per_target * mask).sum()
-    if num_items_in_batch is None:
-        denominator = count
-    else:
-        denominator = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-    # An all-ignored batch sums to exactly 0: dividing by max(denominator, 1) then returns 0, not 0/0 = NaN.
-    loss = total / denominator.clamp_min(1.0)
+    loss = _normalise(total, count, num_items_in_batch)
     if return_weight_mean:
         weight_mean = weights if mask is None else (weights * mask).sum() / count.clamp_min(1.0)
         return loss, weight_mean

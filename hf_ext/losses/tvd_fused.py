@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .tvd import _DEFAULT_CHUNK_ROWS, tvd_weights
+from .tvd import _DEFAULT_CHUNK_ROWS, _normalise, tvd_weights
 
 __all__ = ["linear_tvd_loss"]
 
@@ -155,11 +155,7 @@ def linear_tvd_loss(
     # `hidden_states[counted]` keeps the graph connected when nothing is counted: the sum is a differentiable 0
     total = -(weights * target_logp).sum()
     count = counted.sum().to(total.dtype)
-    if num_items_in_batch is None:
-        denominator = count
-    else:
-        denominator = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-    loss = total / denominator.clamp_min(1.0)
+    loss = _normalise(total, count, num_items_in_batch)
     if return_weight_mean:
         return loss, weights.sum() / count.clamp_min(1.0)
     return loss
