@@ -18,7 +18,8 @@ items (never a dev or test query). The cross-encoder = the embedded MiniLM fine-
 scores are raw logits (``activation_fn=Identity``: CUR factorises the scores the model ranks by; a sigmoid would
 bend the low-rank structure, the ranking is the same).
 The exact scores of the dev, test and anchor queries against every item are computed once with
-`score_anchor_matrix` (checkpointed blocks under ``--cache_dir``, resumable, one folder per ``--dtype``).
+`score_anchor_matrix` (checkpointed blocks under ``--cache_dir``, resumable, one folder per ``--dtype``); each
+finished budget's sweeps and test rows are kept there too, so a killed run resumes after its last budget.
 
 Every method then runs through the shipped search on those scores: `CURIndex.search` with a scorer that looks each
 pair up in the exact matrix (so calls are counted exactly as a live search spends them) and the bi-encoder
@@ -198,11 +199,18 @@ def _sweep(evaluate, calls: int, rounds_options: tuple[int, ...]) -> dict[str, A
             "grid": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in grid.items()}}  # fmt: skip
 
 
-def evaluate(dev: Evaluator, test: Evaluator) -> tuple[list[dict], dict]:
-    """At every budget: dev chooses each method's setting, the test queries are run once per draw at it."""
+def evaluate(dev: Evaluator, test: Evaluator, partial: Path | None = None, key: Any = None) -> tuple[list[dict], dict]:
+    """At every budget: dev chooses each method's setting, the test queries are run once per draw at it. With
+    ``partial``, each finished budget is written there (with ``key``, the run's configuration) and a later run with
+    the same ``key`` starts after the budgets it holds."""
     n = len(dev.items)
     rows, chosen = [], {}
+    done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
+    if done.get("key") == key:
+        rows, chosen = done["rows"], done["chosen"]
     for budget in tqdm(BUDGETS, desc="budgets"):
+        if any(r["budget"] == budget for r in rows):
+            continue
         calls = max(2, round(budget * n))
         rows.append({"method": "biencoder", "budget": budget, "calls": calls, "split": "test", **test.biencoder(calls)})
         rows.append({"method": "biencoder", "budget": budget, "calls": calls, "split": "dev", **dev.biencoder(calls)})
@@ -216,6 +224,8 @@ def evaluate(dev: Evaluator, test: Evaluator) -> tuple[list[dict], dict]:
                              **result})  # fmt: skip
             rows.append({"method": method, "budget": budget, "calls": calls, "split": "dev_sweep", **pick})
             print(f"{budget:.0%} {method}: dev chose {chosen[f'{method}_{budget:.2f}']}", flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps({"key": key, "rows": rows, "chosen": chosen}, default=float))
     return rows, chosen
 
 
@@ -346,11 +356,13 @@ def main() -> None:
             for name, q in (("test", test_queries), ("dev", dev_queries))}  # fmt: skip
     dev = Evaluator(items, dev_queries, scores["dev"], anchor_queries, scores["anchor"], item_emb, sims["dev"])
     test = Evaluator(items, test_queries, scores["test"], anchor_queries, scores["anchor"], item_emb, sims["test"])
-    rows, chosen = evaluate(dev, test)
-    data = {"config": {"n_items": len(items), "n_test_queries": len(test_queries), "n_dev_queries": len(dev_queries),
-                       "n_anchor_queries": len(anchor_queries), "cross_encoder": path, "dtype": args.dtype,
-                       "scores": "logits", "budgets": BUDGETS, "anchor_shares": ANCHOR_SHARES, "rounds": ROUNDS,
-                       "strategies": STRATEGIES, "draws": DRAWS}, "rows": rows}  # fmt: skip
+    config = {"n_items": len(items), "n_test_queries": len(test_queries), "n_dev_queries": len(dev_queries),
+              "n_anchor_queries": len(anchor_queries), "cross_encoder": path, "dtype": args.dtype, "scores": "logits",
+              "budgets": BUDGETS, "anchor_shares": ANCHOR_SHARES, "rounds": ROUNDS, "strategies": STRATEGIES,
+              "draws": DRAWS}  # fmt: skip
+    partial = args.cache_dir / f"evaluate_{args.dtype}.partial.json"  # finished budgets: a killed run resumes
+    rows, chosen = evaluate(dev, test, partial, json.loads(json.dumps(config)))
+    data = {"config": config, "rows": rows}
     data["protocol"] = protocol(
         selection_split=f"{len(dev_queries)} dev queries (STS-B test sentences, disjoint from the test queries)",
         test_split=f"{len(test_queries)} STS-B test queries, once per anchor draw at each dev-chosen setting",
