@@ -84,11 +84,28 @@ def tvd_weights(target_logp: Tensor, gamma: float, min_weight: float = 0.0) -> T
         return weights.clamp_(min=min_weight, max=1.0)
 
 
-def _validate(logits: Tensor, labels: Tensor, gamma: float, min_weight: float, label_smoothing: float) -> None:
+def _check_weight_settings(gamma: float, min_weight: float) -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"`gamma` must be a number in [0, 1], got {gamma!r}.")
     if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight <= 1.0:
         raise ValueError(f"`min_weight` must be a number in [0, 1], got {min_weight!r}.")
+
+
+def _check_chunk_rows(chunk_rows: int) -> None:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"`chunk_rows` must be an int >= 1, got {chunk_rows!r}.")
+
+
+def _check_label_range(labels: Tensor, counted: Tensor, size: int, ignore_index: int, what: str) -> None:
+    """Every counted label in ``[0, size)``; ``what`` names them in the error (``class indices``, ``token ids``)."""
+    bad = counted & ((labels < 0) | (labels >= size))
+    if bool(bad.any()):
+        raise ValueError(f"`labels` must be {what} in [0, {size}) or ignore_index={ignore_index}; got "
+                         f"{labels[bad][:5].tolist()}.")  # fmt: skip
+
+
+def _validate(logits: Tensor, labels: Tensor, gamma: float, min_weight: float, label_smoothing: float) -> None:
+    _check_weight_settings(gamma, min_weight)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"`label_smoothing` must be a number in [0, 1], got {label_smoothing!r}.")
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 2:
@@ -150,19 +167,13 @@ def tvd_loss(
     ```
     """
     _validate(logits, labels, gamma, min_weight, label_smoothing)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"`chunk_rows` must be an int >= 1, got {chunk_rows!r}.")
+    _check_chunk_rows(chunk_rows)
     num_classes = logits.shape[-1]
     logits = logits.reshape(-1, num_classes)
     labels = labels.reshape(-1)
     counted = labels != ignore_index
     if not torch.compiler.is_compiling():
-        bad = counted & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"`labels` must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; got "
-                f"{labels[bad][:5].tolist()}."
-            )
+        _check_label_range(labels, counted, num_classes, ignore_index, "class indices")
     count = counted.sum().to(torch.promote_types(logits.dtype, torch.float32))
     if gamma == 0.0 and logits.dtype in (torch.float32, torch.float64):
         # Every weight is exactly 1: this is cross-entropy, computed by F.cross_entropy itself (the same numbers as

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .tvd import _DEFAULT_CHUNK_ROWS, _normalise, tvd_weights
+from .tvd import (
+    _DEFAULT_CHUNK_ROWS,
+    _check_chunk_rows,
+    _check_label_range,
+    _check_weight_settings,
+    _normalise,
+    tvd_weights,
+)
 
 __all__ = ["linear_tvd_loss"]
 
@@ -136,20 +143,12 @@ def linear_tvd_loss(
     if labels.shape != hidden_states.shape[:-1]:
         raise ValueError(f"`labels` must have the shape of `hidden_states` without its last dimension: got labels "
                          f"{tuple(labels.shape)} for hidden_states {tuple(hidden_states.shape)}.")  # fmt: skip
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"`gamma` must be a number in [0, 1], got {gamma!r}.")
-    if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight <= 1.0:
-        raise ValueError(f"`min_weight` must be a number in [0, 1], got {min_weight!r}.")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"`chunk_rows` must be an int >= 1, got {chunk_rows!r}.")
-    vocab = weight.shape[0]
+    _check_weight_settings(gamma, min_weight)
+    _check_chunk_rows(chunk_rows)
     hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
     labels = labels.reshape(-1)
     counted = labels != ignore_index
-    bad = counted & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"`labels` must be token ids in [0, {vocab}) or ignore_index={ignore_index}; got "
-                         f"{labels[bad][:5].tolist()}.")  # fmt: skip
+    _check_label_range(labels, counted, weight.shape[0], ignore_index, "token ids")
     target_logp = _LinearTargetLogProbs.apply(hidden_states[counted], weight, bias, labels[counted], chunk_rows)
     weights = tvd_weights(target_logp, gamma, min_weight)
     # `hidden_states[counted]` keeps the graph connected when nothing is counted: the sum is a differentiable 0
