@@ -92,8 +92,14 @@ def main(args: CURRecipeArguments) -> dict:
         n_anchor_items=args.n_anchor_items, anchor_strategy=args.anchor_strategy, embedder=embedder,
         batch_size=args.batch_size, checkpoint_dir=output / "anchor_rows", seed=args.seed, block_size=args.block_size,
     )  # fmt: skip
-    if rank != 0:  # every rank holds the same index: rank 0 saves it and answers the queries
-        return {"n_items": len(items), "queries": []}
+    results = _save_and_query(index, items, args, output) if rank == 0 else []  # every rank holds the same index
+    state.wait_for_everyone()  # then every rank takes the process group down: a rank that exits holding it can abort
+    state.destroy_process_group()
+    return {"n_items": len(items), "queries": results}
+
+
+def _save_and_query(index: CURIndex, items: list[str], args: CURRecipeArguments, output: Path) -> list[dict]:
+    """Rank 0's part: save the index, answer the example queries, write them next to it."""
     index.save_pretrained(output)
     queries = args.queries or random.Random(args.seed).sample(items, min(3, len(items)))
     hits, calls = index.search(queries, top_k=args.top_k, rerank_k=args.rerank_k)
@@ -105,7 +111,7 @@ def main(args: CURRecipeArguments) -> dict:
         results.append({"query": query, "hits": query_hits, "calls": spent})
     (output / "example_queries.json").write_text(json.dumps(results, indent=2))
     print(f"\nIndex saved to {output} (CURIndex.from_pretrained({str(output)!r}, cross_encoder=...))")
-    return {"n_items": len(items), "queries": results}
+    return results
 
 
 if __name__ == "__main__":
