@@ -25,7 +25,8 @@ Every method then runs through the shipped search on those scores: `CURIndex.sea
 pair up in the exact matrix (so calls are counted exactly as a live search spends them) and the bi-encoder
 baseline with the same accounting:
 
-- ANNCUR: ``rounds=1``; adaCUR: ``rounds`` in {2, 3, 5, 10} (doubled while the best is the largest). Both with
+- ANNCUR: ``rounds=1``; adaCUR: ``rounds`` in {2, 3, 5, 10} (doubled while the best is the largest, up to
+  ``rerank_k``: one item a round). Both with
   anchor items random (the paper) or k-means (items nearest to k-means centres of MiniLM embeddings, seeded), a
   share of the budget in {0.1, 0.25, 0.5, 0.75, 0.9} spent on them (the rest re-ranked; extended below 0.1 or above
   0.9 while the best is at that end), 3 anchor draws (seeds 0, 1, 2) each; ``|V|`` is the offline budget, fixed
@@ -60,8 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.01, 0.02, 0.05, 0.10)
 ANCHOR_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9)  # share of the budget spent on anchor items
-ROUNDS = (2, 3, 5, 10)  # adaCUR; extended by doubling while the best is the largest
-MAX_ROUNDS = 80
+ROUNDS = (2, 3, 5, 10)  # adaCUR; extended by doubling (up to rerank_k) while the best is the largest
 STRATEGIES = ("random", "kmeans")
 DRAWS = (0, 1, 2)
 ANCHOR_QUERY_SHARES = (0.25, 0.5, 1.0)  # the |V| diagnostic
@@ -160,43 +160,54 @@ def _n_anchor(share: float, calls: int) -> int:
 
 
 def _sweep(evaluate, calls: int, rounds_options: tuple[int, ...]) -> dict[str, Any]:
-    """Mean dev top-10 over the draws for every (strategy, share, rounds), each axis extended while its best value
-    is at an end of it: shares halved below the smallest (while that changes the anchor count) or moved half way
-    to 1 above the largest (while rounds are left to re-rank), rounds doubled above the largest (up to
-    ``MAX_ROUNDS``). adaCUR's rounds start at 2: one round is ANNCUR."""
-    grid: dict[tuple, dict] = {}
-    shares, rounds_options = list(ANCHOR_SHARES), list(rounds_options)
+    """The (strategy, share, rounds) with the best mean dev top-10 over the draws, by a grid and then a local search
+    that brackets it: the full grid of ``STRATEGIES x ANCHOR_SHARES x rounds_options`` first; then, while the best
+    cell has an untried neighbour (the other strategy; the next share either side; the next rounds either side) that
+    neighbour is run, and while the best sits at an end of an axis the axis grows there: shares halved below the
+    smallest (while that changes the anchor count) or moved half way to 1 above the largest (while rounds are left
+    to re-rank); rounds doubled above the largest, up to ``rerank_k`` (one item a round: the end of that axis).
+    Growing the rounds runs only the best cell's neighbourhood, not the whole grid again: one adaCUR round re-solves
+    the query's weights over every item scored so far, so a full grid at 80 rounds costs 40x one at 2. adaCUR's
+    rounds start at 2: one round is ANNCUR."""
+    grid: dict[tuple, dict | None] = {}
+    shares, ladder = sorted(ANCHOR_SHARES), sorted(rounds_options)
+
+    def run(cell: tuple) -> bool:
+        if cell in grid:
+            return False
+        runs = [evaluate.cur(calls, cell[0], cell[1], cell[2], draw) for draw in DRAWS]
+        grid[cell] = None if runs[0] is None else {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        return True
+
+    def step(values: list, value: Any) -> list:
+        i = values.index(value)
+        return values[max(0, i - 1) : i + 2]
+
+    for cell in ((t, s, r) for t in STRATEGIES for s in shares for r in ladder):
+        run(cell)
     while True:
-        for strategy in STRATEGIES:
-            for share in shares:
-                for rounds in rounds_options:
-                    if (strategy, share, rounds) in grid:
-                        continue
-                    runs = [evaluate.cur(calls, strategy, share, rounds, draw) for draw in DRAWS]
-                    if runs[0] is not None:
-                        grid[(strategy, share, rounds)] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-        best = max(grid, key=lambda key: (grid[key]["top10"], -key[1], -key[2]))
-        grown = False
-        low, high = min(shares), max(shares)
-        if best[1] == low and _n_anchor(low / 2, calls) < _n_anchor(low, calls):
-            shares.append(low / 2)
-            grown = True
+        best = max((c for c in grid if grid[c] is not None), key=lambda c: (grid[c]["top10"], -c[1], -c[2]))
+        strategy, share, rounds = best
+        neighbours = [(t, share, rounds) for t in STRATEGIES] + [(strategy, s, rounds) for s in step(shares, share)]
+        neighbours += [(strategy, share, r) for r in step(ladder, rounds)]
+        if any([run(cell) for cell in neighbours]):  # every neighbour, then look again
+            continue
+        low, high = shares[0], shares[-1]
         up = _n_anchor((1 + high) / 2, calls)
-        if best[1] == high and calls - up >= best[2] and up > _n_anchor(high, calls):
+        if share == low and _n_anchor(low / 2, calls) < _n_anchor(low, calls):
+            shares.insert(0, low / 2)
+        elif share == high and calls - up >= rounds and up > _n_anchor(high, calls):
             shares.append((1 + high) / 2)
-            grown = True
-        if len(rounds_options) > 1 and best[2] == max(rounds_options) and 2 * best[2] <= MAX_ROUNDS:
-            rounds_options.append(2 * best[2])
-            grown = True
-        if not grown:
+        elif len(ladder) > 1 and rounds == ladder[-1] and rounds < (cap := calls - _n_anchor(share, calls)):
+            ladder.append(min(2 * rounds, cap))
+        else:
             break
-    strategy, share, rounds = best
+    feasible = {c: v for c, v in grid.items() if v is not None}
     return {"strategy": strategy, "share": share, "rounds": rounds, "dev_top10": grid[best]["top10"],
-            "share_sweep": choose({s: grid[(strategy, s, rounds)]["top10"] for s in shares
-                                   if (strategy, s, rounds) in grid}),
-            "rounds_sweep": choose({r: grid[(strategy, share, r)]["top10"] for r in rounds_options
-                                    if (strategy, share, r) in grid}),
-            "grid": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in grid.items()}}  # fmt: skip
+            "share_sweep": choose({c[1]: v["top10"] for c, v in feasible.items() if c[0] == strategy
+                                   and c[2] == rounds}),
+            "rounds_sweep": choose({c[2]: v["top10"] for c, v in feasible.items() if c[:2] == (strategy, share)}),
+            "grid": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in feasible.items()}}  # fmt: skip
 
 
 def evaluate(dev: Evaluator, test: Evaluator, partial: Path | None = None, key: Any = None) -> tuple[list[dict], dict]:

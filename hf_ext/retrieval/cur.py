@@ -364,7 +364,8 @@ class CURIndex(ModelHubMixin, library_name="hf_ext", tags=["cross-encoder", "ann
         block = self.anchor_scores[:, np.sort(ids)].astype(np.float64)  # type: ignore[index]
         order = np.argsort(ids)  # columns read in file order (a memory-mapped R), weights in `exact`'s order
         values = np.fromiter(exact.values(), dtype=np.float64, count=len(exact))[order]
-        weights = values @ np.linalg.pinv(block, rcond=self.rcond)
+        # c_S pinv(R_S), as the least-squares solution of R_S^T w = c_S: the same SVD cut, without forming pinv (~2x)
+        weights = np.linalg.lstsq(block.T, values, rcond=self.rcond)[0]
         return vector_times_matrix(weights, self.anchor_scores)  # type: ignore[arg-type]
 
     def approximate_scores(self, anchor_scores: np.ndarray) -> np.ndarray:
