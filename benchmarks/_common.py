@@ -183,6 +183,67 @@ def choose(scores: Mapping[Any, float], higher_is_better: bool = True) -> dict[s
             "sweep": {str(k): float(scores[k]) for k in keys}}  # fmt: skip
 
 
+MAX_EXTENSIONS = 3  # per swept axis
+
+
+def extension(values: list[float], best: float, axis: str) -> float | None:
+    """The value to add when ``best`` sits at an open end of ``values`` (None: inside, or at a closed end).
+
+    ``axis`` ``"lr"``: doubles or halves. ``"share"`` (a value in [0, 1): TaiLr's gamma, a label-smoothing factor):
+    halves towards 0 or moves halfway to 1; 0 and 1 are closed ends. ``"floor"``: steps by 0.1 up to 1 (0 is its
+    closed end: no weight below 0).
+    """
+    low, high = min(values), max(values)
+    if len(values) < 2 or low < best < high:
+        return None
+    if axis == "lr":
+        return best / 2 if best == low else best * 2
+    if axis == "share":
+        if best == low:
+            return low / 2 if low > 0 else None
+        return (1 + high) / 2 if high < 1 else None
+    if axis != "floor":
+        raise ValueError(f"`axis` must be 'lr', 'share' or 'floor', got {axis!r}.")
+    if best == low:
+        return max(0.0, round(low - 0.1, 6)) if low > 0 else None
+    return min(1.0, round(high + 0.1, 6)) if high < 1 else None
+
+
+def bracketed_grid(score: Callable[..., float], axes: Mapping[str, Iterable[float]], rules: Mapping[str, str],
+                   max_extensions: int = MAX_EXTENSIONS) -> dict[str, Any]:  # fmt: skip
+    """A grid search on the selection split that ends bracketed: ``score(*cell)`` (higher is better; cache it, the
+    grid is scored again after each growth) over the product of ``axes``; while the best cell sits at an open end
+    of an axis (`extension` with that axis' rule) the axis grows there, up to ``max_extensions`` values each.
+
+    Returns ``best`` (the cell; ties: the smallest values, first axis first, as `choose`), ``grid`` (every cell's
+    score), ``axes`` (as grown) and, per axis, the one-dimensional `choose` through the best cell.
+    """
+    grown_axes = {name: list(values) for name, values in axes.items()}
+    sizes = {name: len(values) for name, values in grown_axes.items()}
+    while True:
+        cells = [()]
+        for values in grown_axes.values():  # in sorted order, as `choose` breaks ties
+            cells = [(*cell, value) for cell in cells for value in sorted(values)]
+        grid = {cell: score(*cell) for cell in cells}
+        best = max(grid, key=lambda cell: (grid[cell], -cells.index(cell)))
+        grown = False
+        for index, name in enumerate(grown_axes):
+            more = extension(grown_axes[name], best[index], rules[name])
+            if (
+                more is not None
+                and more not in grown_axes[name]
+                and len(grown_axes[name]) < sizes[name] + max_extensions
+            ):
+                grown_axes[name].append(more)
+                grown = True
+        if not grown:
+            break
+    slices = {name: choose({cell[index]: value for cell, value in grid.items()
+                            if all(cell[j] == best[j] for j in range(len(best)) if j != index)})
+              for index, name in enumerate(grown_axes)}  # fmt: skip
+    return {"best": best, "grid": grid, "axes": grown_axes, **slices}
+
+
 # ----------------------------------------------------------------------------------------------- results files
 
 

@@ -44,7 +44,19 @@ from typing import Any
 
 import datasets
 import torch
-from _common import choose, fmt_mean_std, fmt_paired, load_results, mean_std, paired, protocol, save_results
+from _common import (
+    MAX_EXTENSIONS,
+    bracketed_grid,
+    choose,
+    extension,
+    fmt_mean_std,
+    fmt_paired,
+    load_results,
+    mean_std,
+    paired,
+    protocol,
+    save_results,
+)
 from tqdm.auto import tqdm
 
 from hf_ext import bbc_news_train_test_split, smollm2_path
@@ -204,29 +216,6 @@ def _key(split: str, method: str, setting: dict, seed: int) -> str:
     return f"{split}/{method}/lr{setting['lr']:g}_g{setting['gamma']:g}_b{setting['min_weight']:g}/seed{seed}"
 
 
-MAX_EXTENSIONS = 3  # per swept axis
-
-
-def extension(values: list[float], best: float, axis: str) -> float | None:
-    """The value to add when ``best`` sits at an open end of ``values`` (None: inside, or at a closed end).
-
-    Learning rates double or halve; gamma halves towards 0 or moves halfway to 1; the floor steps by 0.1 up to 1
-    (0 is the floor's closed end: no weight below 0).
-    """
-    low, high = min(values), max(values)
-    if len(values) < 2 or low < best < high:
-        return None
-    if axis == "lr":
-        return best / 2 if best == low else best * 2
-    if axis == "gamma":
-        if best == low:
-            return low / 2 if low > 0 else None
-        return (1 + high) / 2 if high < 1 else None
-    if best == low:
-        return max(0.0, round(low - 0.1, 6)) if low > 0 else None
-    return min(1.0, round(high + 0.1, 6)) if high < 1 else None
-
-
 def select(data: dict, out: Path, inputs: dict, args) -> dict[str, dict]:
     """Each method's setting, chosen on dev by ROUGE-L (seed 0); every sweep extended past a best open end."""
     chosen: dict[str, dict] = {}
@@ -248,23 +237,14 @@ def select(data: dict, out: Path, inputs: dict, args) -> dict[str, dict]:
         selection[f"{method}_lr"] = pick
         chosen[method] = {"lr": pick["value"], **base}
     lr = chosen["tvd"]["lr"]
-    axes = {"gamma": list(args.gammas), "floor": list(args.floors)}
-    for _ in range(2 * MAX_EXTENSIONS + 1):  # the grid, grown along an axis whose best sits at an open end
-        grid = {(g, b): dev_rouge("tvd", {"lr": lr, "gamma": g, "min_weight": b})
-                for g in axes["gamma"] for b in axes["floor"]}  # fmt: skip
-        best = max(grid, key=lambda k: (grid[k], -list(grid).index(k)))
-        grown = False
-        for index, axis in enumerate(("gamma", "floor")):
-            more = extension(axes[axis], best[index], axis)
-            original = len(args.gammas if axis == "gamma" else args.floors)
-            if more is not None and more not in axes[axis] and len(axes[axis]) < original + MAX_EXTENSIONS:
-                axes[axis].append(more)
-                grown = True
-        if not grown:
-            break
-    selection["tvd_grid"] = {f"gamma={g:g},floor={b:g}": v for (g, b), v in grid.items()}
-    selection["tvd_gamma"] = choose({g: grid[(g, best[1])] for g in axes["gamma"]})
-    selection["tvd_floor"] = choose({b: grid[(best[0], b)] for b in axes["floor"]})
+    search = bracketed_grid(
+        lambda g, b: dev_rouge("tvd", {"lr": lr, "gamma": g, "min_weight": b}),
+        {"gamma": args.gammas, "floor": args.floors},
+        {"gamma": "share", "floor": "floor"},
+    )
+    best = search["best"]
+    selection["tvd_grid"] = {f"gamma={g:g},floor={b:g}": v for (g, b), v in search["grid"].items()}
+    selection["tvd_gamma"], selection["tvd_floor"] = search["gamma"], search["floor"]
     chosen["tvd"] = {"lr": lr, "gamma": best[0], "min_weight": best[1]}
     data["selection"] = selection
     data["chosen"] = chosen

@@ -61,6 +61,13 @@ class TVDRecipeArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N test examples."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the fixed 80/20 BBC News split."})
+    validation_share: float = field(default=0.0, metadata={"help": (
+        "Classification: hold out this share of the training examples (stratified by topic, the same articles for "
+        "every seed; not trained on) and report metrics on them as `validation`, their labels as noisy as the "
+        "rest: what a user has to choose gamma, floor or smoothing with. In [0, 0.5].")})  # fmt: skip
+    evaluate_test: bool = field(default=True, metadata={"help": (
+        "False: leave the test split alone (while choosing a setting on the validation slice); results and card "
+        "then carry no test metrics. Needs --validation_share.")})  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -71,6 +78,12 @@ class TVDRecipeArguments:
             raise ValueError(f"`label_noise` must be in [0, 1), got {self.label_noise}.")
         if self.label_noise and self.task != "classification":
             raise ValueError("`label_noise` applies to --task classification only.")
+        if isinstance(self.validation_share, bool) or not 0.0 <= self.validation_share <= 0.5:
+            raise ValueError(f"`validation_share` must be a share in [0, 0.5], got {self.validation_share!r}.")
+        if self.validation_share and self.task != "classification":
+            raise ValueError("`validation_share` applies to --task classification only.")
+        if not self.evaluate_test and not self.validation_share:
+            raise ValueError("`evaluate_test=False` needs a `validation_share` > 0: nothing would be evaluated.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -86,15 +99,35 @@ def flip_labels(labels: list[int], rate: float, num_classes: int, seed: int) -> 
     return np.where(flip, (labels_array + offsets) % num_classes, labels_array).tolist()
 
 
+def stratified_holdout(labels: list[int], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, held out): ``round(share * count)`` of each label's examples held out, drawn with ``seed``;
+    both lists in the original order."""
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    held = np.zeros(len(labels_array), dtype=bool)
+    for label in np.unique(labels_array):
+        members = np.flatnonzero(labels_array == label)
+        held[rng.permutation(members)[: round(share * len(members))]] = True
+    return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+
+
 def classification_data(args: TVDRecipeArguments, tokenizer, seed: int):
+    """(train, test), or (train, test, validation) with ``validation_share``: the validation examples are cut from
+    the training ones after the label noise (seeded by ``seed``) and by ``split_seed``, so every seed and method
+    holds out the same articles."""
     noisy = None
     if args.label_noise:
         labels = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])
         labels = labels[: args.max_train_samples] if args.max_train_samples else labels
         noisy = flip_labels(labels, args.label_noise, len(BBC_NEWS_LABELS), seed)
-    return bbc_classification_data(tokenizer, args.max_length, split_seed=args.split_seed,
-                                   max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-                                   train_labels=noisy)  # fmt: skip
+    train, test = bbc_classification_data(tokenizer, args.max_length, split_seed=args.split_seed,
+                                          max_train_samples=args.max_train_samples,
+                                          max_eval_samples=args.max_eval_samples, train_labels=noisy)  # fmt: skip
+    if not args.validation_share:
+        return train, test
+    clean = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])[: len(train)]
+    kept, held = stratified_holdout(clean, args.validation_share, args.split_seed)
+    return train.select(kept), test, train.select(held)
 
 
 def causal_lm_data(args: TVDRecipeArguments, tokenizer):
@@ -179,13 +212,13 @@ def main(args: TVDRecipeArguments, config: TVDConfig) -> dict:
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
         )
-        train, test = classification_data(args, tokenizer, config.seed)
+        train, test, *validation = classification_data(args, tokenizer, config.seed)
         collator = DataCollatorWithPadding(tokenizer)
     else:
         path = args.model_name_or_path or str(smollm2_path())
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-        train, test = causal_lm_data(args, tokenizer)
+        (train, test), validation = causal_lm_data(args, tokenizer), []
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     callbacks = []
     if compile_enabled(config):  # static shapes for torch.compile: pad every batch to one of 3 lengths
@@ -195,10 +228,16 @@ def main(args: TVDRecipeArguments, config: TVDConfig) -> dict:
     trainer_cls = TVDTrainer if args.trainer == "tvd" else Trainer
     trainer = trainer_cls(model=model, args=config, train_dataset=train, data_collator=collator, callbacks=callbacks)
     train_output = trainer.train()
-    if args.task == "classification":
+    if not args.evaluate_test:
+        test_metrics = {}
+    elif args.task == "classification":
         test_metrics = evaluate_classification(model, test, collator)
     else:
         test_metrics = evaluate_causal_lm(model, test)
+    held_out = {}
+    if validation:
+        held_out = {"validation": evaluate_classification(model, validation[0], collator),
+                    "validation_examples": len(validation[0])}  # fmt: skip
     results = {
         "task": args.task,
         "trainer": args.trainer,
@@ -211,6 +250,7 @@ def main(args: TVDRecipeArguments, config: TVDConfig) -> dict:
         "train_seconds": train_output.metrics.get("train_runtime"),
         "compiled_graphs": callbacks[0].count if callbacks else None,
         "test": test_metrics,
+        **held_out,
         "command": " ".join(["recipes/train_tvd.py", *sys.argv[1:]]),
     }
     if trainer.is_world_process_zero():

@@ -399,9 +399,10 @@ def test_train_tvd_classification_with_label_noise_writes_a_loadable_model_and_c
     model_id = _publish(offline_hub, tiny_bert_dir, "hf-ext-test/tiny-bert")
     results = _launch_train_tvd(
         model_id, tmp_path / "cls", "--task", "classification", "--label_noise", "0.4",
-        "--tvd_gamma", "0.5", "--tvd_min_weight", "0.2", hub_cache=offline_hub,
+        "--tvd_gamma", "0.5", "--tvd_min_weight", "0.2", "--validation_share", "0.25", hub_cache=offline_hub,
     )  # fmt: skip
-    assert results["train_examples"] == 32
+    assert results["train_examples"] == 24 and results["validation_examples"] == 8
+    assert set(results["validation"]) == {"accuracy", "nll", "ece", "reliability"}
     expected = _classification_metrics(tmp_path / "cls", 16)  # recomputed here from the saved model
     for name in ("accuracy", "nll", "ece"):
         assert results["test"][name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
@@ -443,9 +444,48 @@ def test_flip_labels_is_symmetric_noise_at_the_requested_rate() -> None:
     assert set(targets) == {1, 2, 3, 4}  # a flipped label goes to every other class
 
 
+def test_the_validation_slice_is_cut_from_the_noisy_training_examples_by_topic_and_the_same_for_every_seed(
+    tiny_bert_dir: Path,
+) -> None:
+    sys.path.insert(0, str(TRAIN_TVD.parent))
+    import train_tvd
+    from transformers import AutoTokenizer
+
+    from hf_ext import bbc_news_train_test_split
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    clean = list(bbc_news_train_test_split(test_size=0.2, seed=0)["train"]["label"])[:200]
+    args, _ = train_tvd.parse_args(["--task", "classification", "--max_train_samples", "200"])
+    full, _ = train_tvd.classification_data(args, tokenizer, seed=0)
+    row_of = {tuple(ids): i for i, ids in enumerate(full["input_ids"])}
+    assert len(row_of) == 200  # every article tells itself apart
+    held_rows = {}
+    for seed in (0, 1):
+        args, _ = train_tvd.parse_args(["--task", "classification", "--max_train_samples", "200", "--label_noise",
+                                        "0.4", "--validation_share", "0.25"])  # fmt: skip
+        train, _, validation = train_tvd.classification_data(args, tokenizer, seed=seed)
+        noisy = train_tvd.flip_labels(clean, 0.4, 5, seed=seed)
+        kept = [row_of[tuple(ids)] for ids in train["input_ids"]]
+        held = [row_of[tuple(ids)] for ids in validation["input_ids"]]
+        assert sorted(kept + held) == list(range(200))  # disjoint, nothing dropped
+        for topic in range(5):  # a quarter of each topic held out
+            members = [i for i in range(200) if clean[i] == topic]
+            assert sum(clean[i] == topic for i in held) == round(0.25 * len(members))
+        assert list(validation["label"]) == [noisy[i] for i in held]  # as noisy as the training labels
+        assert list(train["label"]) == [noisy[i] for i in kept]
+        held_rows[seed] = held
+    assert held_rows[0] == held_rows[1]  # the noise changes with the seed, the held-out articles do not
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
+        (
+            ["--task", "classification", "--validation_share", "0.6"],
+            r"`validation_share` must be a share in \[0, 0.5\]",
+        ),
+        (["--task", "causal_lm", "--validation_share", "0.2"], "`validation_share` applies to --task classification"),
+        (["--task", "classification", "--evaluate_test", "false"], "`evaluate_test=False` needs a `validation_share`"),
         (["--task", "summarise"], "`task` must be one of"),
         (["--task", "classification", "--label_noise", "1.0"], r"`label_noise` must be in \[0, 1\)"),
         (["--task", "causal_lm", "--label_noise", "0.2"], "`label_noise` applies to --task classification only"),
@@ -651,6 +691,26 @@ def test_train_tvd_with_compile_on_pads_to_buckets_without_warnings(tiny_bert_di
     assert not [w for w in caught if "length buckets" in str(w.message) or "graphs, more than" in str(w.message)]
     assert 1 <= results["compiled_graphs"] <= 3
     assert results["test"]["accuracy"] == pytest.approx(_classification_metrics(tmp_path, 16)["accuracy"])
+
+
+def test_train_tvd_can_leave_the_test_split_alone_while_a_setting_is_chosen(tiny_bert_dir: Path, tmp_path: Path):
+    sys.path.insert(0, str(TRAIN_TVD.parent))
+    import train_tvd
+
+    argv = ["--task", "classification", "--model_name_or_path", str(tiny_bert_dir), "--max_train_samples", "40",
+            "--max_steps", "1", "--per_device_train_batch_size", "8", "--use_cpu", "true", "--validation_share", "0.2",
+            "--evaluate_test", "false", "--output_dir", str(tmp_path)]  # fmt: skip
+    calls = []
+    original = train_tvd.evaluate_classification
+    train_tvd.evaluate_classification = lambda model, data, collator: calls.append(len(data)) or original(
+        model, data, collator)  # fmt: skip
+    try:
+        results = train_tvd.main(*train_tvd.parse_args(argv))
+    finally:
+        train_tvd.evaluate_classification = original
+    held = results["validation_examples"]  # a fifth of each topic's examples, rounded per topic
+    assert results["test"] == {} and calls == [held]  # the validation examples only, never the test split
+    assert 6 <= held <= 10 and results["train_examples"] == 40 - held and 0 <= results["validation"]["accuracy"] <= 1
 
 
 # ------------------------------------------------------------------------------------------- build_cur_index

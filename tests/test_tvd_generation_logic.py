@@ -29,10 +29,10 @@ def test_distinct_2_and_repetition_by_hand() -> None:
         ([2e-5, 5e-5, 1e-4], 1e-4, "lr", 2e-4),
         ([2e-5, 5e-5, 1e-4], 2e-5, "lr", 1e-5),
         ([2e-5, 5e-5, 1e-4], 5e-5, "lr", None),
-        ([0.1, 0.5, 0.9], 0.9, "gamma", 0.95),
-        ([0.1, 0.5, 0.9], 0.1, "gamma", 0.05),
-        ([0.0, 0.5], 0.0, "gamma", None),  # gamma 0 is cross-entropy: a closed end
-        ([0.5, 1.0], 1.0, "gamma", None),
+        ([0.1, 0.5, 0.9], 0.9, "share", 0.95),
+        ([0.1, 0.5, 0.9], 0.1, "share", 0.05),
+        ([0.0, 0.5], 0.0, "share", None),  # gamma 0 is cross-entropy: a closed end
+        ([0.5, 1.0], 1.0, "share", None),
         ([0.0, 0.1, 0.2], 0.0, "floor", None),  # no weight below 0
         ([0.0, 0.1, 0.2], 0.2, "floor", 0.3),
         ([0.3], 0.3, "floor", None),  # a single value is not a sweep
