@@ -21,22 +21,15 @@ from hf_ext.tensor_memory import TensorBytes
 from hf_ext.testing import run_distributed
 from hf_ext.trainers import TVDConfig, TVDTrainer
 
+from ._tvd_utils import assert_same_weights, bbc_text, params, tvd_args
+
 
 def _args(tmp: Path, **kwargs) -> TVDConfig:
-    defaults = {"output_dir": str(tmp), "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_steps": 5,
-                "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0,
-                "data_seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0, "tvd_gamma": 0.5,
-                "tvd_min_weight": 0.2}  # fmt: skip
-    return TVDConfig(**{**defaults, **kwargs})
+    return tvd_args(tmp, **{"max_steps": 5, "logging_steps": 1, "tvd_gamma": 0.5, "tvd_min_weight": 0.2, **kwargs})
 
 
 def _text(tokenizer_dir: Path, n: int = 24) -> datasets.Dataset:
-    """Real BBC article openings of varying lengths (so batches have padding)."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = load_bbc_news().shuffle(seed=1).select(range(n))
-    return data.map(
-        lambda b: tokenizer([t[: 40 + 7 * (i % 9)] for i, t in enumerate(b["text"])]), batched=True
-    ).select_columns(["input_ids", "attention_mask"])
+    return bbc_text(tokenizer_dir, n)
 
 
 def _train(model_dir: Path, data: datasets.Dataset, tmp: Path, fused: bool, **kwargs) -> tuple[dict, list]:
@@ -47,20 +40,14 @@ def _train(model_dir: Path, data: datasets.Dataset, tmp: Path, fused: bool, **kw
     trainer = TVDTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
     trainer.train()
     logs = [(h["loss"], h["tvd_weight_mean"]) for h in trainer.state.log_history if "loss" in h]
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, logs
-
-
-def _assert_same(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+    return params(model), logs
 
 
 def test_fused_head_gives_the_full_logits_update_with_accumulation(tiny_llama_dir, tmp_path) -> None:
     data = _text(tiny_llama_dir)
     fused, fused_logs = _train(tiny_llama_dir, data, tmp_path, True, gradient_accumulation_steps=2)
     full, full_logs = _train(tiny_llama_dir, data, tmp_path, False, gradient_accumulation_steps=2)
-    _assert_same(fused, full, atol=1e-6)
+    assert_same_weights(fused, full, atol=1e-6)
     assert len(fused_logs) == 5
     for (loss_a, weight_a), (loss_b, weight_b) in zip(fused_logs, full_logs, strict=True):
         assert loss_a == pytest.approx(loss_b, rel=1e-5) and weight_a == pytest.approx(weight_b, abs=1e-4)
@@ -83,7 +70,7 @@ def test_two_gloo_processes_give_the_one_process_update(tiny_llama_dir, tmp_path
     results = run_distributed(_distributed, world_size=2, args=(str(tiny_llama_dir), str(tmp_path / "data"),
                                                                 str(tmp_path)))  # fmt: skip
     for result in results:
-        _assert_same(result, single, atol=1e-5)
+        assert_same_weights(result, single, atol=1e-5)
 
 
 def _step_peak(model_dir: Path, batch: dict, tmp: Path, fused: bool) -> tuple[int, float]:
@@ -116,7 +103,7 @@ def test_the_real_smollm2_step_matches_the_full_logits_step(smollm2_dir, tmp_pat
     fused, fused_logs = _train(smollm2_dir, data, tmp_path, True, **kwargs)
     full, full_logs = _train(smollm2_dir, data, tmp_path, False, **kwargs)
     assert fused_logs[0][0] == pytest.approx(full_logs[0][0], rel=1e-5)
-    _assert_same(fused, full, atol=1e-6)
+    assert_same_weights(fused, full, atol=1e-6)
 
 
 def test_what_the_fused_head_cannot_compute_is_refused(tiny_llama_dir, tiny_bert_dir, tmp_path) -> None:

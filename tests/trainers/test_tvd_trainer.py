@@ -26,29 +26,11 @@ from transformers import (
 
 from hf_ext.assets import load_bbc_news, minilm_path
 from hf_ext.testing import run_distributed
-from hf_ext.trainers import TVDConfig, TVDTrainer, tvd_compute_loss_func
+from hf_ext.trainers import TVDTrainer, tvd_compute_loss_func
+
+from ._tvd_utils import assert_same_weights, bbc_text, params, tvd_args
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-
-def _args(tmp: Path, **kwargs) -> TVDConfig:
-    defaults = {
-        "output_dir": str(tmp),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "max_steps": 20,
-        "logging_steps": 5,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "data_seed": 0,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "tvd_gamma": 0.0,
-        "tvd_min_weight": 0.0,
-    }
-    return TVDConfig(**{**defaults, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +46,7 @@ def bbc_titles() -> datasets.Dataset:
 @pytest.fixture(scope="module")
 def bbc_text_lm(tiny_llama_dir: Path) -> datasets.Dataset:
     """Real BBC article openings of varying lengths (so batches have padding), SmolLM2 tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    data = load_bbc_news().shuffle(seed=1).select(range(48))
-    return data.map(
-        lambda b: tokenizer([t[: 40 + 7 * (i % 9)] for i, t in enumerate(b["text"])]), batched=True
-    ).select_columns(["input_ids", "attention_mask"])
+    return bbc_text(tiny_llama_dir, 48)
 
 
 def _classifier(tiny_bert_dir: Path) -> BertForSequenceClassification:
@@ -82,29 +60,19 @@ def _lm_collator(tokenizer_dir: Path) -> DataCollatorForLanguageModeling:
     return DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
 
-def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
-
-
 def test_gamma_zero_matches_the_stock_trainer_for_classification(tiny_bert_dir, bbc_titles, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     collator = DataCollatorWithPadding(tokenizer)
     runs = {}
     for name, cls in (("trainer", Trainer), ("tvd", TVDTrainer)):
         model = _classifier(tiny_bert_dir)
-        trainer = cls(model=model, args=_args(tmp_path / name), train_dataset=bbc_titles, data_collator=collator)
+        trainer = cls(model=model, args=tvd_args(tmp_path / name), train_dataset=bbc_titles, data_collator=collator)
         batch = trainer._prepare_inputs(collator([bbc_titles[i] for i in range(4)]))
         first_loss = trainer.compute_loss(model, batch).item()
         trainer.train()
-        runs[name] = (first_loss, _params(model), trainer.state.log_history)
+        runs[name] = (first_loss, params(model), trainer.state.log_history)
     assert runs["tvd"][0] == pytest.approx(runs["trainer"][0], abs=1e-6)
-    _assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
+    assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
     logged = [entry for entry in runs["tvd"][2] if "tvd_weight_mean" in entry]
     assert logged and all(entry["tvd_weight_mean"] == 1.0 and entry["tvd_gamma"] == 0.0 for entry in logged)
 
@@ -115,19 +83,19 @@ def test_gamma_zero_matches_the_stock_trainer_for_causal_lm(tiny_llama_dir, bbc_
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         collator = _lm_collator(tiny_llama_dir)
-        trainer = cls(model=model, args=_args(tmp_path / name), train_dataset=bbc_text_lm, data_collator=collator)
+        trainer = cls(model=model, args=tvd_args(tmp_path / name), train_dataset=bbc_text_lm, data_collator=collator)
         batch = trainer._prepare_inputs(collator([bbc_text_lm[i] for i in range(4)]))
         first_loss = trainer.compute_loss(model, batch).item()
         trainer.train()
-        runs[name] = (first_loss, _params(model))
+        runs[name] = (first_loss, params(model))
     assert runs["tvd"][0] == pytest.approx(runs["trainer"][0], abs=1e-6)
-    _assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
+    assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
 
 
 def test_gamma_above_zero_trains_differently_and_logs_weights(tiny_bert_dir, bbc_titles, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = _classifier(tiny_bert_dir)
-    args = _args(tmp_path, tvd_gamma=0.9, tvd_min_weight=0.2, tvd_gamma_schedule="linear", tvd_gamma_start=0.1)
+    args = tvd_args(tmp_path, tvd_gamma=0.9, tvd_min_weight=0.2, tvd_gamma_schedule="linear", tvd_gamma_start=0.1)
     collator = DataCollatorWithPadding(tokenizer)
     trainer = TVDTrainer(model=model, args=args, train_dataset=bbc_titles, data_collator=collator)
     trainer.train()
@@ -155,11 +123,11 @@ def _brute_force_tailr(logits: torch.Tensor, labels: torch.Tensor, gamma: float,
 def test_gamma_above_zero_trains_differently_from_gamma_zero(tiny_bert_dir, bbc_titles, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     collator = DataCollatorWithPadding(tokenizer)
-    initial = _params(_classifier(tiny_bert_dir))
+    initial = params(_classifier(tiny_bert_dir))
     runs = {}
     for gamma in (0.0, 0.9):
         model = _classifier(tiny_bert_dir)
-        args = _args(tmp_path / str(gamma), tvd_gamma=gamma, tvd_min_weight=0.2 if gamma else 0.0)
+        args = tvd_args(tmp_path / str(gamma), tvd_gamma=gamma, tvd_min_weight=0.2 if gamma else 0.0)
         trainer = TVDTrainer(model=model, args=args, train_dataset=bbc_titles, data_collator=collator)
         batch = trainer._prepare_inputs(collator([bbc_titles[i] for i in range(8)]))
         with torch.no_grad():
@@ -169,7 +137,7 @@ def test_gamma_above_zero_trains_differently_from_gamma_zero(tiny_bert_dir, bbc_
             _brute_force_tailr(logits, batch["labels"], gamma, 0.2 if gamma else 0.0), rel=1e-5
         )
         trainer.train()
-        runs[gamma] = (loss, _params(model))
+        runs[gamma] = (loss, params(model))
     assert runs[0.9][0] < 0.8 * runs[0.0][0]  # the weights (about 1/(0.9 + 0.1 * 5) = 0.7 at p = 1/5) scale it down
     moved = max(float((runs[0.0][1][n] - initial[n]).abs().max()) for n in initial)
     apart = max(float((runs[0.9][1][n] - runs[0.0][1][n]).abs().max()) for n in initial)
@@ -251,7 +219,7 @@ def test_gamma_zero_matches_the_stock_trainer_and_gamma_above_zero_is_tailr(
     runs = {}
     for name, cls, gamma in (("trainer", Trainer, 0.0), ("tvd", TVDTrainer, 0.0), ("tailr", TVDTrainer, 0.6)):
         model = build()
-        args = _args(tmp_path / name, max_steps=6, tvd_gamma=gamma, tvd_min_weight=0.3 if gamma else 0.0)
+        args = tvd_args(tmp_path / name, max_steps=6, tvd_gamma=gamma, tvd_min_weight=0.3 if gamma else 0.0)
         trainer = cls(model=model, args=args, train_dataset=data, data_collator=collator)
         batch = trainer._prepare_inputs(collator([data[i] for i in range(6)]))
         with torch.no_grad():
@@ -260,21 +228,21 @@ def test_gamma_zero_matches_the_stock_trainer_and_gamma_above_zero_is_tailr(
         expected = _brute_force_tailr(logits, batch["labels"], gamma, 0.3 if gamma else 0.0)
         assert loss == pytest.approx(expected, rel=1e-5)
         trainer.train()
-        runs[name] = (loss, _params(model))
+        runs[name] = (loss, params(model))
     assert runs["tvd"][0] == pytest.approx(runs["trainer"][0], abs=1e-6)
-    _assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
+    assert_same_weights(runs["tvd"][1], runs["trainer"][1], atol=1e-5)
     assert any((runs["tailr"][1][n] - runs["tvd"][1][n]).abs().max() > 1e-4 for n in runs["tvd"][1])
 
 
 def _one_step(tiny_llama_dir: Path, data: datasets.Dataset, tmp: Path, batch: int, accumulation: int) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    args = _args(tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
+    args = tvd_args(tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
                  optim="sgd", learning_rate=1.0, tvd_gamma=0.5, tvd_min_weight=0.2,
                  lr_scheduler_type="constant")  # fmt: skip
     trainer = TVDTrainer(model=model, args=args, train_dataset=data, data_collator=_lm_collator(tiny_llama_dir))
     trainer.train()
-    return _params(model)
+    return params(model)
 
 
 def test_accumulation_4x2_gives_the_update_of_batch_8_with_padding(tiny_llama_dir, bbc_text_lm, tmp_path) -> None:
@@ -283,8 +251,8 @@ def test_accumulation_4x2_gives_the_update_of_batch_8_with_padding(tiny_llama_di
     assert len(set(lengths)) > 3  # real padding inside every micro-batch
     big = _one_step(tiny_llama_dir, eight, tmp_path / "big", batch=8, accumulation=1)
     accumulated = _one_step(tiny_llama_dir, eight, tmp_path / "acc", batch=2, accumulation=4)
-    _assert_same_weights(accumulated, big, atol=1e-5)
-    initial = _params(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    assert_same_weights(accumulated, big, atol=1e-5)
+    initial = params(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     assert any((big[n] - initial[n]).abs().max() > 1e-3 for n in big)  # the step did move the weights
 
 
@@ -300,7 +268,7 @@ def test_two_gloo_processes_give_the_update_of_one_process(tiny_llama_dir, bbc_t
     results = run_distributed(_distributed_step, world_size=2, args=(str(tiny_llama_dir), str(tmp_path / "data"),
                                                                      str(tmp_path)))  # fmt: skip
     for result in results:
-        _assert_same_weights(result, single, atol=1e-5)
+        assert_same_weights(result, single, atol=1e-5)
 
 
 def test_compute_loss_func_for_the_stock_trainer_matches_tvd_trainer(tiny_llama_dir, bbc_text_lm, tmp_path) -> None:
@@ -308,7 +276,7 @@ def test_compute_loss_func_for_the_stock_trainer_matches_tvd_trainer(tiny_llama_
     for name in ("func", "tvd"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-        args = _args(tmp_path / name, tvd_gamma=0.5, tvd_min_weight=0.2, max_steps=5, gradient_accumulation_steps=2)
+        args = tvd_args(tmp_path / name, tvd_gamma=0.5, tvd_min_weight=0.2, max_steps=5, gradient_accumulation_steps=2)
         if name == "func":
             loss_func = tvd_compute_loss_func(0.5, task="causal_lm", min_weight=0.2)
             trainer = Trainer(model=model, args=args, train_dataset=bbc_text_lm,
@@ -317,8 +285,8 @@ def test_compute_loss_func_for_the_stock_trainer_matches_tvd_trainer(tiny_llama_
             trainer = TVDTrainer(model=model, args=args, train_dataset=bbc_text_lm,
                                  data_collator=_lm_collator(tiny_llama_dir))  # fmt: skip
         trainer.train()
-        finals[name] = _params(model)
-    _assert_same_weights(finals["func"], finals["tvd"], atol=1e-5)
+        finals[name] = params(model)
+    assert_same_weights(finals["func"], finals["tvd"], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -332,7 +300,7 @@ def test_compute_loss_func_for_the_stock_trainer_matches_tvd_trainer(tiny_llama_
 )
 def test_config_rejects_bad_settings(tmp_path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        _args(tmp_path, **kwargs)
+        tvd_args(tmp_path, **kwargs)
 
 
 def test_trainer_and_loss_func_reject_bad_setups(tiny_bert_dir, tmp_path) -> None:
