@@ -115,18 +115,15 @@ def classification_data(args: TVDRecipeArguments, tokenizer, seed: int):
     """(train, test), or (train, test, validation) with ``validation_share``: the validation examples are cut from
     the training ones after the label noise (seeded by ``seed``) and by ``split_seed``, so every seed and method
     holds out the same articles."""
-    noisy = None
-    if args.label_noise:
-        labels = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])
-        labels = labels[: args.max_train_samples] if args.max_train_samples else labels
-        noisy = flip_labels(labels, args.label_noise, len(BBC_NEWS_LABELS), seed)
+    labels = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])
+    labels = labels[: args.max_train_samples] if args.max_train_samples else labels  # the clean training labels
+    noisy = flip_labels(labels, args.label_noise, len(BBC_NEWS_LABELS), seed) if args.label_noise else None
     train, test = bbc_classification_data(tokenizer, args.max_length, split_seed=args.split_seed,
                                           max_train_samples=args.max_train_samples,
                                           max_eval_samples=args.max_eval_samples, train_labels=noisy)  # fmt: skip
     if not args.validation_share:
         return train, test
-    clean = list(bbc_news_train_test_split(test_size=0.2, seed=args.split_seed)["train"]["label"])[: len(train)]
-    kept, held = stratified_holdout(clean, args.validation_share, args.split_seed)
+    kept, held = stratified_holdout(labels, args.validation_share, args.split_seed)
     return train.select(kept), test, train.select(held)
 
 
