@@ -52,6 +52,14 @@ def _both(*args: Any) -> Figure:
 
 
 LLAMA_70B_FSDP2 = "llama3.Llama-3-70B.fsdp2"
+TVD_JSON = "tvd_calibration.json"
+# Test ECE per method at label noise 0 / 0.2 / 0.4 (summary key noiseNN), and DFT's paired gain over cross-entropy.
+TVD_ECE = {
+    "dft": (("00", "0.10"), ("02", "0.13"), ("04", "0.20")),
+    "tvd": (("00", "0.17"), ("02", "0.29"), ("04", "0.21")),
+    "ce": (("00", "0.18"), ("02", "0.30"), ("04", "0.45")),
+}
+DFT_ECE_GAIN = (("00", "0.08"), ("02", "0.17"), ("04", "0.25"))
 FIGURES = [
     # The main job's line (README only).
     Figure("0.8486", "quickstart.json", "summary.test_spearman_after", fixed(4)),
@@ -59,6 +67,11 @@ FIGURES = [
     Figure("393 s", "quickstart.json", "summary.job_seconds", lambda v: f"{v:.0f} s"),
     Figure("82 s", "quickstart.json", "summary.install_seconds", lambda v: f"{v:.0f} s"),
     Figure("475 s", "quickstart.json", "summary.install_and_job_seconds", lambda v: f"{v:.0f} s"),
+    # The README's "TVD, DFT or cross-entropy?" (README only).
+    *[Figure(t, TVD_JSON, f"summary.noise{n}_dft_minus_ce_ece", lambda v: f"{-v:.2f}") for n, t in DFT_ECE_GAIN],
+    Figure("0.5 points", TVD_JSON, "summary.noise04_dft_minus_ce_accuracy", lambda v: f"{-v * 100:.1f} points"),
+    Figure("0.0125", TVD_JSON, "summary.noise00_tvd_gamma", lambda v: f"{v:g}"),
+    Figure("0.0125", TVD_JSON, "summary.noise02_tvd_gamma", lambda v: f"{v:g}"),
     # Results at a glance (README and the docs landing page).
     _both("0.8203", "quickstart.json", "summary.test_spearman_before", fixed(4)),
     _both("0.8472", "cosent_sts.json", "summary.bi_hf_ext_spearman", fixed(4)),
@@ -67,8 +80,7 @@ FIGURES = [
     _both("+0.0040", "cosent_sts.json", "summary.ce_cosent_minus_bce_paired", fixed(4, sign=True)),
     _both("0.0133", "cosent_sts.json", "summary.ce_cosent_minus_bce_paired_detail.std", fixed(4)),
     _both("0.8582", "cosent_sts.json", "summary.bi_st_cosine_spearman", fixed(4)),
-    _both("0.18", "pre_protocol/tvd_calibration.json", "summary.noise04_tvd0.5_ece", fixed(2)),
-    _both("0.41", "pre_protocol/tvd_calibration.json", "summary.noise04_ce_ece", fixed(2)),
+    *[_both(t, TVD_JSON, f"summary.noise{n}_{m}_ece", fixed(2)) for m, ts in TVD_ECE.items() for n, t in ts],
     _both("338 MiB", "tvd_memory.json", "summary.linear_tvd_peak_mib", lambda v: f"{v:,.0f} MiB"),
     _both("4,350 MiB", "tvd_memory.json", "summary.trl_nll_peak_mib", lambda v: f"{v:,.0f} MiB"),
     _both("0.70", "nbce_longcontext.json", "summary.n48_nbce_acc", fixed(2)),

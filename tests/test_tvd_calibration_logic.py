@@ -63,6 +63,8 @@ def test_the_summary_reads_the_test_runs_at_the_chosen_settings_only() -> None:
     assert s["noise04_ce_accuracy"] == pytest.approx(0.81)
     assert s["noise04_tvd_minus_ce_accuracy"] == pytest.approx(0.02)
     assert s["noise04_tvd_minus_ce_accuracy_paired"]["agree"] == 3
+    assert s["noise04_dft_minus_ce_accuracy"] == pytest.approx(0.0)  # DFT's runs here equal CE's
+    assert s["noise04_dft_minus_ce_accuracy_paired"]["agree"] == 0
     assert s["noise04_tvd_gamma"] == 0.5 and s["noise04_tvd_min_weight"] == 0.1 and s["noise04_ls_factor"] == 0.1
     assert "TVD gamma 0.5, floor 0.1" in bench.table({"summary": s})
 
