@@ -31,9 +31,9 @@ most 32 new tokens): ROUGE-L F1 (``rouge-score``, stemmed), distinct-2 (distinct
 all titles) and repetition (per title, the share of words that repeat an earlier word of it; mean over titles).
 
 Cost, measured on a 2-core Xeon (AMX, float32; bf16 autocast, ``--bf16``, was only 1.2x faster in training there):
-2.8 s a training step (100 steps ~5 min), 0.45 s an article scored (dev 210 ~1.5 min, test 420 ~3 min); ~27 dev runs
-and 12 test runs, ~4 hours in all. Run nothing beside it: a second job on the same two cores made both ~7x slower.
-Every run is saved when it ends, so an interrupted sweep resumes where it stopped.
+~4.3 s a training step over the whole data (100 steps ~7 min), 0.38 s an article scored (dev 210 ~80 s, test 420
+~160 s); ~27 dev runs and 12 test runs, ~6 hours in all. Run nothing beside it: a second job on the same two
+cores made both ~7x slower. Every run is saved when it ends, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
