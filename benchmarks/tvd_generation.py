@@ -30,7 +30,7 @@ forcing) and token-level ECE (top-1 confidence against top-1 = the reference tok
 most 32 new tokens): ROUGE-L F1 (``rouge-score``, stemmed), distinct-2 (distinct word bigrams / word bigrams over
 all titles) and repetition (per title, the share of words that repeat an earlier word of it; mean over titles).
 
-Cost, measured on a 2-core Xeon (AMX, float32; bf16 autocast, ``--bf16``, was only 1.2x faster in training there):
+Cost, measured on a 2-core Xeon (AMX, float32; in a 4-step probe bf16 autocast, ``--bf16``, trained 1.2x faster):
 ~4.3 s a training step over the whole data (100 steps ~7 min), 0.38 s an article scored (dev 210 ~80 s, test 420
 ~160 s); ~27 dev runs and 12 test runs, ~6 hours in all. Run nothing beside it: a second job on the same two
 cores made both ~7x slower. Every run is saved when it ends, so an interrupted sweep resumes where it stopped.
